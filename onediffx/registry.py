@@ -42,9 +42,9 @@ def register_backend(name: str) -> Callable[[T], T]:
 
 def _lookup(table: dict, kind: str, key: str, name: str):
     if name not in table:
-        from .plugins import load_entry_point_plugins
+        from .plugins import load_all_plugins
 
-        load_entry_point_plugins()
+        load_all_plugins()
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
         raise ConfigError(f"{key}: unknown {kind} {name!r}; known {kind}s: {known} (plugins add more)")

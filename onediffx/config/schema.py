@@ -162,7 +162,3 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore, where ``conf/*.yaml`` defaults lists refer to them."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig, package="model")
-    cs.store(group="compile", name="compile_schema", node=CompileConfig, package="compile")
-    cs.store(group="deepcache", name="deepcache_schema", node=DeepCacheConfig, package="deepcache")
-    cs.store(group="cache", name="cache_schema", node=CacheConfig, package="cache")

@@ -1,0 +1,1 @@
+"""The ``python -m onediffx`` commands: ``run``, ``list``, ``bench``."""

@@ -1,0 +1,1 @@
+"""Compile backends (registered by name) and the compiled-graph cache."""

@@ -1,0 +1,42 @@
+"""The ``warmup`` stage: run the prepared shapes before anything is timed.
+
+Compilation happens on the first call at each shape; doing those calls here means the first
+measured image is a steady-state one, and ``warmup.shapes`` prepares every resolution a service
+will see so switching among them later costs nothing.
+"""
+
+from __future__ import annotations
+
+from ..generate import Settings, generate
+from ..registry import register_stage
+from .base import Assembly, Stage
+
+
+def warmup_settings(asm: Assembly) -> list[Settings]:
+    """One ``Settings`` per prepared shape (the run's own shape when none are listed)."""
+    cfg = asm.cfg
+    base = Settings.from_config(cfg, steps=cfg.warmup.steps)
+    if not cfg.warmup.shapes:
+        return [base]
+    return [
+        Settings(height=s.height, width=s.width, steps=base.steps, guidance=base.guidance,
+                 seeds=[cfg.seed + i for i in range(s.batch)])
+        for s in cfg.warmup.shapes
+    ]
+
+
+@register_stage("warmup")
+class WarmupStage(Stage):
+    group = "warmup"
+
+    def enabled(self, asm: Assembly) -> bool:
+        # Eager pipelines have nothing to warm unless shapes are asked for explicitly.
+        compiled = asm.cfg.compile.backend != "none" or asm.state.get("compiled")
+        return asm.cfg.warmup.runs > 0 and bool(compiled or asm.cfg.warmup.shapes)
+
+    def apply(self, asm: Assembly) -> None:
+        shapes = warmup_settings(asm)
+        for _ in range(asm.cfg.warmup.runs):
+            for settings in shapes:
+                generate(asm, settings)
+        asm.note(self.name, shapes=[[s.height, s.width, len(s.seeds)] for s in shapes], runs=asm.cfg.warmup.runs)

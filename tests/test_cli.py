@@ -1,0 +1,69 @@
+"""The real CLI in real processes: default run, sweep, list, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import job_dirs, run_cli
+
+
+def test_default_run_writes_image_metrics_and_config(tmp_path):
+    proc = run_cli("run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (job,) = job_dirs(tmp_path / "outputs")
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["model"] == "tiny"
+    assert metrics["steps"] == 10 and metrics["it_per_s"] > 0 and metrics["peak_memory_gib"] > 0
+    assert {"load", "lora-fuse", "deepcache", "compile", "warmup"} <= set(metrics["stages"])
+    assert metrics["versions"]["diffusers"] and metrics["device"] == "cpu"
+    image = Image.open(job / metrics["outputs"][0])
+    assert image.size == (64, 64)
+    assert "builtin: tiny" in (job / "config.yaml").read_text()
+    assert "denoising" in proc.stderr  # the progress bar over steps
+
+
+def test_sweep_writes_one_folder_per_job(tmp_path):
+    proc = run_cli("run", "-m", "seed=0,1", "steps=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = job_dirs(tmp_path / "outputs" / "multirun")
+    assert len(jobs) == 2
+    seeds = [json.loads((j / "metrics.json").read_text())["seeds"] for j in jobs]
+    assert sorted(seeds) == [[0], [1]]
+    images = [Image.open(next(j.glob("image_*.png"))).tobytes() for j in jobs]
+    assert images[0] != images[1]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("steps=0", "steps: 0 is not allowed; expected a positive integer"),
+        ("height=63", "height: 63 is not allowed; expected a positive multiple of 8"),
+        ("stages=[lora-fuse,nope]", "stages[1]: unknown stage 'nope'"),
+        ("model.path=/does/not/exist", "model.path: '/does/not/exist' does not exist"),
+        ("guidance=abc", "guidance: Value 'abc' of type 'str' could not be converted to Float"),
+        ("model=sdxl", "model.pretrained: 'stabilityai/stable-diffusion-xl-base-1.0' is not in the local Hugging Face cache"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, override, expected):
+    proc = run_cli("run", override, cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("onediffx: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "outputs").rglob("*.png"))
+
+
+def test_full_error_shows_traceback(tmp_path):
+    proc = run_cli("run", "steps=0", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_list_shows_models_stages_and_backends(tmp_path):
+    proc = run_cli("list", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("models:", "sdxl", "svd_xt", "controlnet_sd15", "stages:", "lora-fuse", "vae-tiling",
+                 "compile backends:", "loras:"):
+        assert word in proc.stdout

@@ -1,0 +1,60 @@
+"""Composition and validation against the structured configs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from onediffx.config import validate
+from onediffx.errors import ConfigError
+from onediffx.resolver import plan
+
+
+def test_defaults_compose_and_validate(compose_run):
+    cfg = compose_run()
+    validate(cfg)
+    assert cfg.model.name == "tiny" and cfg.compile.backend == "none" and not cfg.deepcache.enabled
+    assert list(cfg.stages) == ["lora-fuse", "deepcache", "compile", "load-graph", "warmup", "save-graph"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("steps=-1", "steps"),
+        ("width=100", "width"),
+        ("model.steps=0", "model.steps"),
+        ("num_images=0", "num_images"),
+        ("dtype=float8", "dtype"),
+        ("device=tpu", "device"),
+        ("warmup.shapes=[{height:60,width:64}]", "warmup.shapes[0].height"),
+    ],
+)
+def test_out_of_range_values_name_their_key(compose_run, override, key):
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ": "):
+        validate(compose_run(override))
+
+
+def test_types_are_checked_at_composition(compose_run):
+    from hydra.errors import ConfigCompositionException
+
+    from onediffx.cli import one_line
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_run("seed=abc")
+    assert one_line(info.value) == "seed: Value 'abc' of type 'str' could not be converted to Integer"
+
+
+def test_unknown_stage_fails_before_any_model_loads(compose_run):
+    with pytest.raises(ConfigError, match=r"stages\[0\]: unknown stage 'fast'"):
+        plan(compose_run("stages=[fast]"))
+
+
+def test_model_entries_name_allowlisted_pipelines(compose_run):
+    from onediffx.models.pipelines import PIPELINES
+
+    for name in ("sd15", "sd21", "sdxl", "sdxl_turbo", "lcm_sdxl", "svd_xt", "controlnet_sd15", "controlnet_sdxl"):
+        model = compose_run(f"model={name}").model
+        assert model.pipeline in PIPELINES and model.pretrained and model.arch
+        OmegaConf.to_object(model)
