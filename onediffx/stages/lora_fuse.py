@@ -1,18 +1,84 @@
-"""The ``lora-fuse`` stage (placeholder until the LoRA engine lands)."""
+"""The ``lora-fuse`` stage: fuse the ``lora`` stack into the pipeline's weights.
+
+``lora=[emoji,metal]`` composes an ordered mapping; every entry is loaded and checked first, then
+the whole stack is fused once from the original weights with each entry's ``scale``. A stack that
+fails anywhere leaves the pipeline as it was, and the error names the entry (``lora.<key>``).
+"""
 
 from __future__ import annotations
 
-from ..errors import NotAvailableError
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from ..errors import ConfigError, OnediffxError
 from ..registry import register_stage
 from .base import Assembly, Stage
+
+_FAMILIES = {"sd15": "sd", "sd14": "sd", "sd21": "sd", "sd2": "sd", "sdxl": "sdxl"}
+
+
+def _model_family(model: DictConfig) -> Optional[str]:
+    """``sdxl`` or ``sd`` (1.x/2.x) when the model config says so; None when it cannot tell."""
+    arch = model.get("arch")
+    if arch in _FAMILIES:
+        return _FAMILIES[arch]
+    pipeline = str(model.get("pipeline") or "")
+    if pipeline.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if pipeline.startswith("StableDiffusion") and not pipeline.startswith(("StableDiffusion3", "StableDiffusionXL")):
+        return "sd"
+    return None
 
 
 @register_stage("lora-fuse")
 class LoraFuseStage(Stage):
+    """Fuse the LoRA stack (``lora=[...]``) into the weights, in list order, with each entry's scale."""
+
     group = "lora"
+
+    def check(self, cfg: DictConfig) -> None:
+        from ..lora.sources import resolve_file
+
+        family = _model_family(cfg.model)
+        seen = {}
+        for key, entry in cfg.lora.items():
+            name = entry.adapter_name or key
+            if name in seen:
+                raise ConfigError(f"lora.{key}: adapter name {name!r} is also used by lora.{seen[name]}")
+            seen[name] = key
+            base = _FAMILIES.get(str(entry.base)) if entry.base else None
+            if base and family and base != family:
+                raise ConfigError(
+                    f"lora.{key}: made for {entry.base} but model {cfg.model.name} is {family}; "
+                    f"choose a LoRA for this model or drop it from lora=[...]"
+                )
+            try:
+                resolve_file(entry.source, entry.weight_name)
+            except OnediffxError as e:
+                raise type(e)(f"lora.{key}: {e}") from None
 
     def enabled(self, asm: Assembly) -> bool:
         return bool(asm.cfg.lora)
 
     def apply(self, asm: Assembly) -> None:
-        raise NotAvailableError("lora-fuse: LoRA fusing is not available yet; run with lora=[]")
+        from ..lora import delete_adapters, load_lora_and_optionally_fuse, set_and_fuse_adapters
+        from ..lora.fuse import state_of
+
+        names, scales = [], []
+        for key, entry in asm.cfg.lora.items():
+            name = entry.adapter_name or key
+            try:
+                # W0 on the CPU: a run fuses once, so GPU memory matters more than re-fuse speed.
+                load_lora_and_optionally_fuse(
+                    asm.pipe, entry.source, name, fuse=False, offload_device="cpu", offload_weight="weight",
+                    weight_name=entry.weight_name,
+                )
+            except OnediffxError as e:
+                delete_adapters(asm.pipe, names)
+                raise type(e)(f"lora.{key}: {e}") from None
+            names.append(name)
+            scales.append(float(entry.scale))
+        set_and_fuse_adapters(asm.pipe, names, scales)
+        state = state_of(asm.pipe)
+        asm.note(self.name, adapters=dict(zip(names, scales)), layers=len(state.fused))

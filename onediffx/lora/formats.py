@@ -1,0 +1,251 @@
+"""LoRA file formats → one canonical form: ``(component, module path) → LoraLayer``.
+
+Key renaming is diffusers' own (kohya/A1111 and SGM block names, old attention-processor names,
+``.lora.down``/``lora_linear_layer``, PEFT ``lora_A``/``lora_B``), so onediffx reads exactly what
+diffusers reads. What diffusers does not give back in a usable form is written here: the alpha of
+each layer. diffusers turns kohya alphas into a PEFT config whose patterns miss per-layer values of
+attention layers; onediffx keeps the alpha stored with each layer, by following the tensor objects
+through diffusers' renaming (renaming moves tensors, it never copies them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import LoraFormatError
+from .sources import RawLora
+
+TargetKey = Tuple[str, str]
+"""(pipeline component such as ``unet`` or ``text_encoder_2``, module path inside it)."""
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+SGM_PATTERNS = ("input_blocks", "middle_block", "output_blocks")
+PEFT_WRAPPER_PREFIX = "base_model.model."
+_UNSUPPORTED = {
+    "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_w": "LyCORIS LoHa", "lokr_w": "LyCORIS LoKr",
+    "lora_mid": "LoCon with CP/Tucker decomposition", ".diff": "full-weight difference", "oft_": "OFT",
+}
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.(?P<kind>weight|bias)$")
+
+
+@dataclass
+class LoraLayer:
+    """One layer's low-rank update: ``delta = scale * up @ down`` (conv kernels flattened)."""
+
+    down: torch.Tensor
+    """(rank, in) for linear layers, (rank, in, kh, kw) for convolutions."""
+    up: torch.Tensor
+    """(out, rank), or (out, rank, 1, 1) for convolutions."""
+    scale: float
+    """alpha / rank (alpha / sqrt(rank) for rsLoRA)."""
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+_COMPONENT = re.compile(r"^(unet|transformer|text_encoder(_\d)?|prior|decoder)\.")
+
+
+def _component_of(key: str) -> Optional[str]:
+    """The pipeline component a diffusers-format key is prefixed with (``None`` for bare PEFT keys)."""
+    match = _COMPONENT.match(key)
+    return match[1] if match else None
+
+
+def _check_supported(state_dict: Dict[str, torch.Tensor], label: str) -> None:
+    for key in state_dict:
+        for marker, what in _UNSUPPORTED.items():
+            if marker in key:
+                raise LoraFormatError(
+                    f"LoRA {label}: {what} layers ({key!r}) are not supported; only plain LoRA/LoCon can be fused"
+                )
+        if key.endswith(("lora_up.bias", "lora_B.bias")):
+            raise LoraFormatError(f"LoRA {label}: LoRA biases ({key!r}) are not supported")
+
+
+def _kohya_to_diffusers(state_dict: Dict[str, torch.Tensor], label: str, unet_config: Any
+                        ) -> Tuple[Dict[str, torch.Tensor], Dict[int, float]]:
+    """Rename kohya keys with diffusers' converter; return alphas keyed by the down tensor's id."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+
+    alphas: Dict[int, float] = {}
+    state_dict = dict(state_dict)  # diffusers pops from it
+    for key, value in state_dict.items():
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            if name + ".lora_up.weight" not in state_dict:
+                raise LoraFormatError(f"LoRA {label}: {name}.lora_down.weight has no matching lora_up.weight")
+            alpha = state_dict.get(name + ".alpha")
+            if alpha is not None:
+                alphas[id(value)] = float(alpha.item())
+        elif not key.endswith((".lora_up.weight", ".alpha")):
+            raise LoraFormatError(f"LoRA {label}: unrecognised kohya key {key!r}")
+    try:
+        if any(p in key for key in state_dict for p in SGM_PATTERNS):
+            if unet_config is None:
+                raise LoraFormatError(f"LoRA {label}: SGM-named UNet layers but the pipeline has no UNet")
+            state_dict = _maybe_map_sgm_blocks_to_diffusers(state_dict, unet_config)
+        converted, _ = _convert_non_diffusers_lora_to_diffusers(state_dict)
+    except (ValueError, KeyError, IndexError) as e:
+        first = str(e).strip().splitlines()[-1][:160]
+        raise LoraFormatError(f"LoRA {label}: kohya keys diffusers cannot map ({first})") from None
+    return converted, alphas
+
+
+def _to_peft_names(component: str, state_dict: Dict[str, torch.Tensor], module: Optional[torch.nn.Module]
+                   ) -> Dict[str, torch.Tensor]:
+    """The renaming diffusers applies before handing a component's LoRA to PEFT."""
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if component.startswith("text_encoder"):
+        for convert in (convert_state_dict_to_diffusers, convert_state_dict_to_peft):
+            try:
+                state_dict = convert(state_dict)
+            except ValueError:  # "could not infer the type": already in the other convention
+                pass
+        if module is not None and not hasattr(module, "text_model"):
+            state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+        return state_dict
+    if not all(".lora_A" in k or ".lora_B" in k for k in state_dict):
+        state_dict = convert_unet_state_dict_to_peft(state_dict)
+    return state_dict
+
+
+def _lora_configs(raw: RawLora) -> Dict[Optional[str], Dict[str, Any]]:
+    """PEFT ``LoraConfig`` fields per component prefix (``None``: an unprefixed PEFT adapter)."""
+    configs: Dict[Optional[str], Dict[str, Any]] = {}
+    if raw.peft_config:
+        configs[None] = raw.peft_config
+    text = raw.metadata.get("lora_adapter_metadata")
+    if text:
+        try:
+            flat = json.loads(text)
+        except ValueError:
+            raise LoraFormatError(f"LoRA {raw.label}: unreadable lora_adapter_metadata in the file header") from None
+        for key, value in flat.items():
+            prefix, _, field = key.partition(".")
+            if field:
+                configs.setdefault(prefix, {})[field] = value
+            else:
+                configs.setdefault(None, {})[key] = value
+    return configs
+
+
+def _config_scale(config: Dict[str, Any], module: str, rank: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get("alpha_pattern") or {}
+    alpha = patterns.get(get_pattern_key(list(patterns), module), config.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _split_components(state_dict: Dict[str, torch.Tensor], default: Optional[str]
+                      ) -> Dict[str, Dict[str, torch.Tensor]]:
+    groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    prefixed = any(_component_of(k) for k in state_dict)
+    for key, value in state_dict.items():
+        component = _component_of(key) if prefixed else default
+        if component is None:
+            component, rest = "", key
+        else:
+            rest = key[len(component) + 1:] if prefixed else key
+        groups.setdefault(component, {})[rest] = value
+    return groups
+
+
+def to_canonical(raw: RawLora, components: Dict[str, torch.nn.Module], unet_config: Any = None
+                 ) -> Dict[TargetKey, LoraLayer]:
+    """Every layer of ``raw`` under its target module; ``LoraFormatError`` for anything unreadable.
+
+    ``components`` are the pipeline's LoRA-capable modules by name; they are consulted only for
+    naming conventions (text encoders with or without ``text_model``), not to check shapes, which
+    ``fit`` does.
+    """
+    label = raw.label
+    _check_supported(raw.state_dict, label)
+    state_dict = {k.removeprefix(PEFT_WRAPPER_PREFIX): v for k, v in raw.state_dict.items()}
+    alphas: Dict[int, float] = {}
+    is_kohya = [k.startswith(KOHYA_PREFIXES) for k in state_dict]
+    if all(is_kohya):
+        state_dict, alphas = _kohya_to_diffusers(state_dict, label, unet_config)
+    elif any(is_kohya):
+        raise LoraFormatError(f"LoRA {label}: mixes kohya keys (lora_unet_*, lora_te*) with other naming")
+    else:
+        alphas = _diffusers_alphas(state_dict)
+    default = "unet" if "unet" in components or "transformer" not in components else "transformer"
+    configs = _lora_configs(raw)
+    layers: Dict[TargetKey, LoraLayer] = {}
+    for component, part in _split_components(state_dict, default).items():
+        if not component:
+            raise LoraFormatError(f"LoRA {label}: key {next(iter(part))!r} names no pipeline component")
+        part = _to_peft_names(component, part, components.get(component))
+        config = configs.get(component) or configs.get(None)
+        for module, (down, up) in _pair(part, component, label).items():
+            if up.shape[1] != down.shape[0]:
+                raise LoraFormatError(
+                    f"LoRA {label}: {component}.{module} has up {tuple(up.shape)} and down {tuple(down.shape)} "
+                    f"of different ranks"
+                )
+            if up.dim() == 4 and up.shape[2:] != (1, 1):
+                raise LoraFormatError(f"LoRA {label}: {component}.{module} has a {tuple(up.shape)} up kernel")
+            rank = down.shape[0]
+            if id(down) in alphas:
+                scale = alphas[id(down)] / rank
+            elif config is not None:
+                scale = _config_scale(config, module, rank)
+            else:
+                scale = 1.0  # diffusers/PEFT convention without stored alpha: alpha == rank
+            layers[(component, module)] = LoraLayer(down, up, scale)
+    if not layers:
+        raise LoraFormatError(f"LoRA {label}: holds no LoRA layers")
+    return layers
+
+
+def _diffusers_alphas(state_dict: Dict[str, torch.Tensor]) -> Dict[int, float]:
+    """``<module>.alpha`` entries some diffusers-format files carry, keyed by the down tensor's id."""
+    alphas: Dict[int, float] = {}
+    for key in [k for k in state_dict if k.endswith(".alpha")]:
+        module = key[: -len(".alpha")]
+        alpha = float(state_dict.pop(key).item())
+        for down_suffix in (".lora.down.weight", ".lora_A.weight", ".lora_linear_layer.down.weight",
+                            "_lora.down.weight"):
+            down = state_dict.get(module + down_suffix)
+            if down is not None:
+                alphas[id(down)] = alpha
+    return alphas
+
+
+def _pair(state_dict: Dict[str, torch.Tensor], component: str, label: str
+          ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    found: Dict[str, Dict[str, torch.Tensor]] = {}
+    unknown: List[str] = []
+    for key, value in state_dict.items():
+        match = _PEFT_KEY.match(key)
+        if match is None or match["kind"] != "weight":
+            unknown.append(key)
+            continue
+        found.setdefault(match["module"], {})[match["ab"]] = value
+    if unknown:
+        raise LoraFormatError(
+            f"LoRA {label}: {len(unknown)} key(s) of {component} are not LoRA weights, e.g. {unknown[0]!r}"
+        )
+    pairs = {}
+    for module, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise LoraFormatError(f"LoRA {label}: {component}.{module} lacks its lora_{'B' if 'A' in ab else 'A'}")
+        pairs[module] = (ab["A"], ab["B"])
+    return pairs
