@@ -1,18 +1,52 @@
-"""The ``deepcache`` stage (placeholder until DeepCache lands)."""
+"""The ``deepcache`` stage: DeepCache on any supported pipeline, from the ``deepcache`` config group.
+
+It does what ``onediffx.deep_cache``'s pipeline classes do, for whatever pipeline was loaded (SD
+1.5/2.1, SDXL incl. Turbo and LCM, ControlNet, SVD): the ids are checked against this model's UNet
+now, at assembly, rather than failing inside the first generation; the hooks go on the UNet; and the
+pipeline object becomes its DeepCache variant (same class name, ``__call__`` wrapped, nothing else),
+whose calls use these settings unless they pass their own. Running before ``compile`` means the
+compile stage's warm-up already traces both the full and the shallow pass.
+"""
 
 from __future__ import annotations
 
-from ..errors import NotAvailableError
+from omegaconf import DictConfig
+
+from ..deep_cache import DeepCacheParams, deep_cache_class, prepare
+from ..deep_cache.layout import replay_plan
 from ..registry import register_stage
 from .base import Assembly, Stage
+
+PREFIX = "deepcache."
+
+
+def params_from_config(group: DictConfig) -> DeepCacheParams:
+    """The call arguments that the ``deepcache`` group stands for."""
+    return DeepCacheParams(
+        cache_interval=int(group.cache_interval), cache_layer_id=int(group.cache_layer_id),
+        cache_block_id=int(group.cache_block_id), cache_branch=int(group.cache_branch),
+        schedule=str(group.schedule),
+    )
 
 
 @register_stage("deepcache")
 class DeepCacheStage(Stage):
     group = "deepcache"
 
+    def check(self, cfg: DictConfig) -> None:
+        if cfg.deepcache.enabled:
+            params_from_config(cfg.deepcache).validate(PREFIX)
+
     def enabled(self, asm: Assembly) -> bool:
         return bool(asm.cfg.deepcache.enabled)
 
     def apply(self, asm: Assembly) -> None:
-        raise NotAvailableError("deepcache: DeepCache is not available yet; run with deepcache=off")
+        params = params_from_config(asm.cfg.deepcache)
+        state = prepare(asm.pipe, params, PREFIX)
+        asm.pipe.__class__ = deep_cache_class(type(asm.pipe))
+        asm.pipe._deep_cache_defaults = params
+        asm.note(
+            self.name, cache_interval=params.cache_interval, schedule=params.schedule,
+            skip_index=state.skip_index,
+            replayed=[name for name, _ in replay_plan(state.unet, state.skip_index)],
+        )

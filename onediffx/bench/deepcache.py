@@ -1,0 +1,149 @@
+"""DeepCache benchmark: diffusers, the ``DeepCache`` package and onediffx on one pipe, in one process.
+
+Same pipe, prompt, seed and resolution for every row, so the rows differ only in how the UNet is
+run. Order matters: the uncompiled rows come first because ``compile_fn`` changes the pipe for good.
+Each cached image is scored by PSNR against the uncached diffusers image at the same seed, so the
+table shows what the speed costs in fidelity.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..deep_cache import DeepCacheParams, deep_cache, disable_deep_cache, helper_branch_id, pipeline_unet
+
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+
+
+def run_deepcache_bench(
+    pipe: Any,
+    device: torch.device | str,
+    intervals: Sequence[int] = (2, 3, 5),
+    steps: int = 30,
+    height: int = 1024,
+    width: int = 1024,
+    compile_fn: Optional[Callable[[Any], Any]] = None,
+    *,
+    prompt: str = PROMPT,
+    seed: int = 0,
+    cache_layer_id: int = 0,
+    cache_block_id: int = 0,
+    repeat: int = 1,
+    warmup: int = 1,
+) -> list[dict[str, Any]]:
+    """Time every method (median of ``repeat`` calls after ``warmup``) and score its image.
+
+    Rows: diffusers eager; ``DeepCacheSDHelper`` (eager) per interval; onediffx deepcache eager per
+    interval; then, when ``compile_fn`` is given, onediffx deepcache on ``compile_fn(pipe)`` per
+    interval. Each row: ``method``, ``interval``, ``compiled``, ``latency_s``, ``speedup`` (over
+    diffusers eager), ``psnr_db`` (against the diffusers image), ``device``, plus ``note`` if skipped.
+    """
+    device = torch.device(device)
+    unet = pipeline_unet(pipe)
+    # A pipe prepared by the deepcache stage caches every call by default: the baseline must not.
+    stage_defaults = pipe.__dict__.pop("_deep_cache_defaults", None)
+    disable_deep_cache(pipe)
+    helper_id = helper_branch_id(unet, cache_layer_id, cache_block_id)
+    call = _caller(pipe, device, prompt, seed, steps, height, width)
+
+    def measure(run: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
+        for _ in range(warmup):
+            run()
+        times, image = [], None
+        for _ in range(max(1, repeat)):
+            _sync(device)
+            start = time.perf_counter()
+            image = run()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)), image
+
+    rows: list[dict[str, Any]] = []
+    base_s, reference = measure(call)
+    rows.append(_row("diffusers", None, False, base_s, base_s, reference, reference, device))
+
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        DeepCacheSDHelper = None
+    for interval in intervals:
+        if DeepCacheSDHelper is None:
+            rows.append({"method": "DeepCache package", "interval": interval, "compiled": False,
+                         "note": "DeepCache not installed (pip install DeepCache==0.1.1)"})
+            continue
+        helper = DeepCacheSDHelper(pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=helper_id)
+        helper.enable()
+        try:
+            seconds, image = measure(call)
+        finally:
+            helper.disable()
+        rows.append(_row("DeepCache package", interval, False, seconds, base_s, image, reference, device))
+
+    def onediffx_rows(target: Any, compiled: bool) -> None:
+        for interval in intervals:
+            params = DeepCacheParams(cache_interval=interval, cache_layer_id=cache_layer_id,
+                                     cache_block_id=cache_block_id)
+            run = _caller(target, device, prompt, seed, steps, height, width)
+
+            def cached() -> np.ndarray:
+                with deep_cache(target, params):
+                    return run()
+
+            seconds, image = measure(cached)
+            rows.append(_row("onediffx deepcache", interval, compiled, seconds, base_s, image, reference, device))
+
+    try:
+        onediffx_rows(pipe, False)
+        if compile_fn is not None:
+            compiled = compile_fn(pipe) or pipe
+            onediffx_rows(compiled, True)
+    finally:
+        if stage_defaults is not None:
+            pipe._deep_cache_defaults = stage_defaults
+    return rows
+
+
+def _caller(pipe: Any, device: torch.device, prompt: str, seed: int, steps: int, height: int,
+            width: int) -> Callable[[], np.ndarray]:
+    """One generation at a fixed seed, returning the image as floats in [0, 1]."""
+
+    def call() -> np.ndarray:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        out = pipe(prompt=prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
+                   output_type="np")
+        return np.asarray(out.images[0], dtype=np.float64)
+
+    return call
+
+
+def _row(method: str, interval: Optional[int], compiled: bool, seconds: float, base_s: float, image: np.ndarray,
+         reference: np.ndarray, device: torch.device) -> dict[str, Any]:
+    return {
+        "method": method, "interval": interval, "compiled": compiled, "latency_s": round(seconds, 4),
+        "speedup": round(base_s / seconds, 3), "psnr_db": _psnr(reference, image), "device": _device_name(device),
+    }
+
+
+def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB over [0, 1] images; ``inf`` for identical images."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if np.array_equal(reference, image):
+        return float("inf")
+    return round(float(peak_signal_noise_ratio(reference, image, data_range=1.0)), 3)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
