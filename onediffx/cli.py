@@ -41,7 +41,9 @@ examples:
 """
 
 
-USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+# Worker processes of a launcher inherit the variable hydra_app sets; ONEDIFFX_FULL_ERROR keeps
+# what the user asked for.
+USER_FULL_ERROR = os.environ.get("ONEDIFFX_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 def full_error() -> bool:
@@ -93,6 +95,7 @@ def hydra_app(config_name: str, job: Callable[[DictConfig, Path], dict], argv: l
     register_configs()
     sys.argv = [f"onediffx {config_name}", *argv]
     main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(guarded(job))
+    os.environ.setdefault("ONEDIFFX_FULL_ERROR", "1" if USER_FULL_ERROR else "0")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us, to be printed in one line
     try:
         main()

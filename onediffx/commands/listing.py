@@ -17,6 +17,11 @@ def _group(conf_dir: Path, group: str) -> dict[str, Any]:
     return {p.stem: OmegaConf.load(p) for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
+def _first_comment(path: Path) -> str:
+    lines = [l[2:].strip() for l in path.read_text(encoding="utf-8").splitlines() if l.startswith("# ")]
+    return next((l for l in lines if not l.startswith("@package")), "")
+
+
 def catalogue(conf_dir: Path) -> dict[str, dict[str, str]]:
     """Every selectable entry with a one-line description, by kind."""
     from .. import compile as _backends  # noqa: F401  (registers the built-in backends)
@@ -40,6 +45,7 @@ def catalogue(conf_dir: Path) -> dict[str, dict[str, str]]:
         "compile presets": {n: str(dict(c)) for n, c in _group(conf_dir, "compile").items()},
         "deepcache presets": {n: str(dict(c)) for n, c in _group(conf_dir, "deepcache").items()},
         "loras": loras,
+        "launch presets": {p.stem: _first_comment(p) for p in sorted((conf_dir / "launch").glob("*.yaml"))},
         "plugins": {**{n: "first-party (plugins/)" for n in first_party_plugins()},
                     **{n: f"entry point {ep.value}" for n, ep in installed_plugins().items()}},
     }

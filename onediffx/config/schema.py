@@ -63,6 +63,13 @@ class CompileConfig:
     cuda_graphs: bool = False
     components: List[str] = field(default_factory=lambda: ["unet", "transformer", "controlnet", "vae.decoder"])
     text_encoders: bool = False
+    graph: str = "aot"
+    """``aot``: graphs captured ahead of time, saved and loaded by the graph cache without re-tracing;
+    ``dynamo``: torch.compile's usual lazy path (the graph cache then keeps Inductor's artifacts)."""
+    vae_dtype: Optional[str] = None
+    """Run the VAE in this dtype on CUDA (``bfloat16``: no fp32 upcast needed, about 3x faster decode)."""
+    inductor: Dict[str, Any] = field(default_factory=dict)
+    """Extra Inductor config (``torch._inductor.config``) keys, e.g. ``conv_1x1_as_mm: true``."""
 
 
 @dataclass
@@ -120,6 +127,20 @@ class WarmupConfig:
     """What a shape outside ``shapes`` does: ``compile`` once, or run ``eager``."""
 
 
+@dataclass
+class SweepConfig:
+    """How a multirun is summarised and spread over GPUs (``onediffx.sweep``)."""
+
+    baseline: Optional[str] = None
+    """Job the others are compared with: its number (``2``) or overrides (``"deepcache=off compile=none"``);
+    ``None`` is the first job that succeeded."""
+    gpus: Optional[int] = None
+    """GPUs to spread ``device=auto`` jobs over: job ``n`` runs on ``cuda:(n % gpus)``. ``None``: as many as
+    the launcher runs at once (``hydra.launcher.n_jobs``) and are visible; ``0``: never pin."""
+    summary: bool = True
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` in the sweep folder at the end."""
+
+
 DEFAULT_STAGES = ["lora-fuse", "deepcache", "compile", "load-graph", "warmup", "save-graph"]
 
 
@@ -157,8 +178,47 @@ class RunConfig:
     dtype: str = "auto"
     """``auto``: the model's dtype on an accelerator, float32 on the CPU."""
 
+    # --- sweeps, batch prompts and launches (onediffx.sweep, onediffx.batch, onediffx.launch) ---
+    prompts: Optional[str] = None
+    """A JSON-lines file, one prompt object a line; generates them all instead of ``prompt``."""
+    resume: bool = False
+    """Batch runs: continue the ``manifest.jsonl`` in the output folder, skipping prompts already done."""
+    on_bad_line: str = "fail"
+    """Batch runs: a malformed line ``fail``s the run before anything loads, or is ``skip``ped with a warning."""
+    startup_report: bool = False
+    """Print the start-up time by stage, with compile and graph-cache status (launch presets set it)."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    # --- end of sweeps, batch prompts and launches ---
+
+
+@dataclass
+class BenchOptions:
+    """What ``python -m onediffx bench`` measures (``conf/bench.yaml``)."""
+
+    scenarios: List[str] = field(default_factory=lambda: ["steady", "cold_start", "lora", "deepcache"])
+    repeat: int = 3
+    unet_iters: int = 10
+    peer_compile: bool = True
+    """Include plain ``torch.compile`` of the UNet as a peer."""
+    compile_preset: str = "inductor"
+    """The ``conf/compile/`` preset onediffx runs with (the cold-start processes select it by name)."""
+    cold_start_timeout: int = 900
+    cold_start_peers: bool = True
+    """Also restart plain torch.compile cold and with warm Inductor caches (about 3 minutes for SDXL)."""
+    lora_sizes_mb: List[float] = field(default_factory=lambda: [12.0, 23.0, 28.0, 55.0, 270.0])
+    deepcache_intervals: List[int] = field(default_factory=lambda: [2, 3, 5])
+    deepcache_compile: bool = True
+
+
+@dataclass
+class BenchConfig(RunConfig):
+    """The top config of ``python -m onediffx bench``: a run config plus what to measure."""
+
+    bench: BenchOptions = field(default_factory=BenchOptions)
+
 
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore, where ``conf/*.yaml`` defaults lists refer to them."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    cs.store(name="bench_schema", node=BenchConfig)

@@ -55,6 +55,11 @@ def validate(cfg: DictConfig) -> None:
     _check("device", cfg.device, lambda v: bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps")
     _check("warmup.unprepared", cfg.warmup.unprepared, lambda v: v in ("compile", "eager"), "compile or eager")
     _check("deepcache.schedule", cfg.deepcache.schedule, lambda v: v in ("uniform", "nonuniform"), "uniform or nonuniform")
+    # sweeps, batch prompts and launches
+    _check("on_bad_line", cfg.on_bad_line, lambda v: v in ("fail", "skip"), "fail or skip")
+    _check("sweep.gpus", cfg.sweep.gpus, lambda v: v >= 0, "null or an integer >= 0 (0: no GPU pinning)")
+    if cfg.resume and not cfg.prompts:
+        raise ConfigError("resume: only batch runs resume; set prompts=<file.jsonl> or drop resume=true")
     if cfg.model.synthetic and cfg.model.builtin:
         raise ConfigError(f"model.synthetic: built-in model {cfg.model.builtin!r} has its own weights; drop one of the two")
 

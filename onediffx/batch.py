@@ -1,0 +1,302 @@
+"""Batch prompts: ``prompts=file.jsonl`` generates one image per line with one assembled pipeline.
+
+A batch can run for hours, so it is built to be interrupted. The whole file is checked before the
+model loads (a typo on line 900 should not cost a model load and 899 images); each image is written
+under a temporary name and renamed, then recorded in ``manifest.jsonl`` with a flushed, fsynced
+append, so a kill at any moment leaves only complete images and complete manifest lines; and
+``resume=true`` in the same output folder skips every line the manifest already holds.
+
+Each line is a JSON object::
+
+    {"prompt": "a red fox", "negative_prompt": "blurry", "seed": 7, "height": 64, "width": 64,
+     "steps": 4, "guidance": 5.0, "lora_scales": {"emoji": 0.5}}
+
+Only ``prompt`` is required; the rest default to the run's own settings (``seed``, ``height``, ...).
+``lora_scales`` re-weights entries of the run's LoRA stack for that line only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from .commands.run import job_facts, print_startup
+from .device import peak_memory_gib, reset_peak_memory
+from .errors import ConfigError, NotAvailableError, NotFoundError
+from .generate import Settings, generate
+from .metrics import versions, write_json
+from .models.pipelines import task_of
+from .resolver import assemble
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One line of the prompts file, with the run's defaults filled in."""
+
+    index: int
+    """0-based position among the file's non-blank lines (bad lines count, so skipping one shifts nothing)."""
+    line: int
+    prompt: str
+    negative_prompt: Optional[str]
+    seed: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    lora_scales: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return f"image_{self.index:05d}_seed{self.seed}.png"
+
+    def spec(self) -> dict[str, Any]:
+        """What the image depends on: a manifest entry with a different spec is not this item's image."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "line"}
+
+
+@dataclass
+class PromptFile:
+    items: list[PromptItem]
+    bad_lines: list[dict[str, Any]]
+    """``{"line": n, "error": ...}`` for each line skipped under ``on_bad_line=skip``."""
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompt": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "negative_prompt": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "height": (lambda v: _positive_int(v) and v % 8 == 0, "a positive multiple of 8"),
+    "width": (lambda v: _positive_int(v) and v % 8 == 0, "a positive multiple of 8"),
+    "steps": (_positive_int, "a positive integer"),
+    "guidance": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "lora_scales": (lambda v: isinstance(v, dict) and all(_number(s) for s in v.values()),
+                    "an object of LoRA name to number"),
+}
+
+
+def parse_line(text: str, index: int, line: int, cfg: DictConfig) -> PromptItem:
+    """One line as a ``PromptItem``; a ``ValueError`` says what is wrong with it."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object like {{\"prompt\": \"...\"}}, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}; allowed: {', '.join(FIELDS)}")
+    if "prompt" not in data:
+        raise ValueError("'prompt' is required")
+    for key, value in data.items():
+        ok, allowed = FIELDS[key]
+        if not ok(value):
+            raise ValueError(f"{key}: {value!r} is not allowed; expected {allowed}")
+    stack = list(cfg.lora.keys())
+    for name in data.get("lora_scales", {}):
+        if name not in stack:
+            have = f"the stack is lora=[{','.join(stack)}]" if stack else "the run has no LoRA stack"
+            raise ValueError(f"lora_scales: {name!r} is not in the LoRA stack ({have}); add it with lora=[...]")
+    model = cfg.model
+    return PromptItem(
+        index=index, line=line, prompt=data["prompt"],
+        negative_prompt=data.get("negative_prompt", cfg.negative_prompt),
+        seed=data.get("seed", cfg.seed),
+        height=data.get("height", cfg.height or model.height),
+        width=data.get("width", cfg.width or model.width),
+        steps=data.get("steps", cfg.steps or model.steps),
+        guidance=float(data.get("guidance", model.guidance if cfg.guidance is None else cfg.guidance)),
+        lora_scales={k: float(v) for k, v in data.get("lora_scales", {}).items()},
+    )
+
+
+def read_prompts(cfg: DictConfig) -> PromptFile:
+    """Every line of ``cfg.prompts``; a bad line fails the run or is skipped (``on_bad_line``)."""
+    path = Path(cfg.prompts)
+    if not path.is_file():
+        raise NotFoundError(
+            f"prompts: {str(path)!r} does not exist; give a JSON-lines file with one {{\"prompt\": ...}} object a line"
+        )
+    items, bad = [], []
+    index = 0
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            items.append(parse_line(text, index, line, cfg))
+        except ValueError as err:
+            if cfg.on_bad_line == "fail":
+                raise ConfigError(f"prompts: {path} line {line}: {err} (on_bad_line=skip skips such lines)") from None
+            print(f"onediffx: warning: prompts: {path} line {line}: {err}; skipped", file=sys.stderr, flush=True)
+            bad.append({"line": line, "error": str(err)})
+        index += 1
+    if not items:
+        raise ConfigError(f"prompts: {path} holds no prompts; write one {{\"prompt\": ...}} object a line")
+    return PromptFile(items, bad)
+
+
+def read_manifest(path: Path) -> dict[int, dict[str, Any]]:
+    """Done items by index; a torn last line (killed mid-write) is ignored: that item is redone."""
+    done: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "index" in entry:
+            done[int(entry["index"])] = entry
+    return done
+
+
+def pending(items: list[PromptItem], done: dict[int, dict[str, Any]], out_dir: Path) -> list[PromptItem]:
+    """Items the manifest does not hold yet; an entry that no longer matches its line is an error."""
+    todo = []
+    for item in items:
+        entry = done.get(item.index)
+        if entry is None or not (out_dir / entry.get("file", "")).is_file():
+            todo.append(item)
+            continue
+        recorded = {k: entry.get(k) for k in item.spec()}
+        if recorded != item.spec():
+            raise ConfigError(
+                f"resume: prompts line {item.line} changed since {out_dir / MANIFEST} recorded it; "
+                f"resume only with the same prompts file, or start a new hydra.run.dir"
+            )
+    return todo
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut a last line left without its newline by a kill, so the next append starts a clean line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def append_manifest(path: Path, entry: dict[str, Any]) -> None:
+    """One durable line: flushed and fsynced before the next item starts."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class LoraScales:
+    """Re-fuses the LoRA stack when a line's scales differ from what is fused now."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.entries = [(key, entry.adapter_name or key, float(entry.scale)) for key, entry in cfg.lora.items()]
+        self.current = [scale for _, _, scale in self.entries]
+
+    def apply(self, pipe: Any, item: PromptItem) -> None:
+        weights = [item.lora_scales.get(key, scale) for key, _, scale in self.entries]
+        if weights == self.current:
+            return
+        try:
+            from .lora import set_and_fuse_adapters
+        except ImportError as err:
+            raise NotAvailableError(
+                f"prompts: line {item.line} sets lora_scales but the LoRA engine is not available ({err})"
+            ) from None
+        set_and_fuse_adapters(pipe, [name for _, name, _ in self.entries], weights)
+        self.current = weights
+
+
+def _save_png(image: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def _outputs(manifest: Path) -> dict[str, Any]:
+    """Every image the manifest holds (this run's and resumed ones), as run metrics list them."""
+    entries = sorted(read_manifest(manifest).values(), key=lambda e: e["index"])
+    return {
+        "outputs": [e["file"] for e in entries],
+        "images": [dict(file=e["file"], seed=e["seed"], frame=0, prompt=e["prompt"],
+                        negative_prompt=e["negative_prompt"]) for e in entries],
+    }
+
+
+def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Generate every pending line of ``cfg.prompts``; returns what was written to ``metrics.json``."""
+    if task_of(cfg.model.pipeline) == "img2vid":
+        raise ConfigError(f"prompts: model {cfg.model.name} turns images into video; batch prompts need a text-to-image model")
+    prompts = read_prompts(cfg)
+    manifest = out_dir / MANIFEST
+    if manifest.is_file() and not cfg.resume:
+        raise ConfigError(f"prompts: {manifest} exists; pass resume=true to continue it, or choose another hydra.run.dir")
+    if cfg.resume:
+        drop_torn_line(manifest)
+    done = read_manifest(manifest) if cfg.resume else {}
+    todo = pending(prompts.items, done, out_dir)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    counts = {"prompts_file": str(cfg.prompts), "prompts": len(prompts.items), "generated": len(todo),
+              "resumed": len(prompts.items) - len(todo), "bad_lines": prompts.bad_lines}
+    if not todo:  # a finished batch resumed again: nothing to load the model for
+        print(f"prompts: all {len(prompts.items)} already in {manifest}", flush=True)
+        metrics = {"status": "ok", "model": cfg.model.name, **counts, **_outputs(manifest), "versions": versions()}
+        write_json(out_dir / "metrics.json", metrics)
+        return metrics
+    asm = assemble(cfg)
+    asm.pipe.set_progress_bar_config(disable=True)  # the bar is over prompts, not steps
+    reset_peak_memory(asm.device)
+    loras = LoraScales(cfg)
+    seconds, rates = [], []
+    for item in tqdm(todo, desc="prompts", unit="prompt", initial=len(prompts.items) - len(todo),
+                     total=len(prompts.items)):
+        loras.apply(asm.pipe, item)
+        item_cfg = cfg.copy()
+        item_cfg.prompt, item_cfg.negative_prompt = item.prompt, item.negative_prompt
+        settings = Settings(height=item.height, width=item.width, steps=item.steps, guidance=item.guidance,
+                            seeds=[item.seed])
+        result = generate(dataclasses.replace(asm, cfg=item_cfg), settings)
+        _save_png(result.images[0], out_dir / item.file)
+        append_manifest(manifest, {**item.spec(), "line": item.line, "file": item.file, "seconds": result.seconds})
+        seconds.append(result.seconds)
+        rates.append(item.steps / result.seconds)
+        if len(seconds) == 1:
+            print_startup(cfg, asm, result.seconds)
+
+    median = statistics.median(seconds)
+    metrics = {
+        "status": "ok",
+        **job_facts(cfg, asm),
+        **counts,
+        "calls": len(seconds),
+        "seconds_per_call": seconds,
+        "median_seconds_per_call": median,
+        "latency_per_image_s": median,
+        "it_per_s": statistics.median(rates),
+        "peak_memory_gib": peak_memory_gib(asm.device),
+        **_outputs(manifest),
+        "versions": versions(),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

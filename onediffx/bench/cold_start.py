@@ -1,0 +1,83 @@
+"""Cold start and restart, each in a fresh process: onediffx's graph cache against plain Inductor.
+
+Four processes on empty caches of their own: onediffx cold (compiles, saves), onediffx restart
+(loads the graph cache), plain torch.compile cold, plain torch.compile restart (warm Inductor
+caches). "First image" is measured from the model being loaded to the first full image done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(inductor_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    for key in ("ONEDIFFX_FULL_ERROR", "HYDRA_FULL_ERROR"):
+        env.pop(key, None)
+    return env
+
+
+def _model_overrides(cfg: DictConfig) -> list[str]:
+    model = cfg.model
+    out = [f"model={model.name}", f"model.synthetic={str(model.synthetic).lower()}"]
+    return out + [f"height={cfg.height or model.height}", f"width={cfg.width or model.width}",
+                  f"steps={cfg.steps or model.steps}"]
+
+
+def _onediffx(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:
+    run_dir = work / "".join(c if c.isalnum() else "-" for c in label)
+    cmd = [sys.executable, "-m", "onediffx", "run", *_model_overrides(cfg), f"compile={cfg.bench.compile_preset}",
+           f"cache.dir={work / 'graphs'}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, env=_env(work / "inductor-onediffx"), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"scenario": "cold_start", "method": label, "error": proc.stderr.strip().splitlines()[-1:]}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stages = metrics["stages"]
+    after_load = sum(f.get("seconds", 0.0) for n, f in stages.items() if n != "load" and f.get("enabled", True))
+    return {
+        "scenario": "cold_start", "method": label, "load_s": round(stages["load"]["seconds"], 2),
+        "first_image_s": round(after_load + metrics["seconds_per_call"][0], 2),
+        "graph_cache": metrics["startup"]["graph_cache"], "graphs_compiled": metrics["compile_counters"]["graphs_compiled"],
+        "stages_s": {n: round(f.get("seconds", 0.0), 2) for n, f in stages.items() if f.get("enabled", True)},
+    }
+
+
+def _peer(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:
+    model = cfg.model
+    source = ["--builtin", model.builtin] if model.builtin else ["--arch", model.arch]
+    cmd = [sys.executable, "-m", "onediffx.bench.peer_start", *source, "--height", str(cfg.height or model.height),
+           "--width", str(cfg.width or model.width), "--steps", str(cfg.steps or model.steps)]
+    proc = subprocess.run(cmd, env=_env(work / "inductor-peer"), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"scenario": "cold_start", "method": label, "error": proc.stderr.strip().splitlines()[-1:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"scenario": "cold_start", "method": label, "load_s": round(result["load_s"], 2),
+            "first_image_s": round(result["first_image_s"], 2)}
+
+
+def run_cold_start(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Rows for the four restarts; each process gets the bench's timeout."""
+    timeout = cfg.bench.cold_start_timeout
+    with tempfile.TemporaryDirectory(prefix="onediffx-coldstart-") as tmp:
+        work = Path(tmp)
+        rows = [
+            _onediffx(cfg, work, "onediffx cold (compile + save)", timeout),
+            _onediffx(cfg, work, "onediffx restart (graph cache)", timeout),
+        ]
+        if cfg.bench.peer_compile and cfg.bench.cold_start_peers:
+            rows += [
+                _peer(cfg, work, "torch.compile cold", timeout),
+                _peer(cfg, work, "torch.compile restart (warm Inductor cache)", timeout),
+            ]
+    return rows

@@ -1,0 +1,77 @@
+"""Steady state: diffusers eager, plain ``torch.compile`` of the UNet, onediffx ``compile_pipe``.
+
+All three run in one process on the same pipeline object and weights, one after the other, so the
+ratios compare like with like. Each row reports end-to-end latency, it/s, the UNet step against
+the FLOP floor, peak memory, and PSNR of its image against the eager one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..compile import compile_pipe
+from ..generate import Settings, generate
+from ..stages.base import Assembly
+from .measure import UNetProbe, matmul_peak_tflops, median_call, timed
+
+
+def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if np.array_equal(reference, image):
+        return float("inf")
+    return round(float(peak_signal_noise_ratio(reference, image, data_range=255)), 2)
+
+
+def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s: float,
+         reference: np.ndarray | None, floor_s: float) -> dict[str, Any]:
+    result = median_call(lambda: generate(asm, settings), asm.device, cfg.bench.repeat)
+    image = np.asarray(result["output"].images[0], dtype=np.float64)
+    probe = UNetProbe(asm.pipe.unet)
+    generate(asm, Settings(**{**settings.__dict__, "steps": 1}))
+    step = probe.step_seconds(asm.pipe.unet, asm.device, cfg.bench.unet_iters)
+    return {
+        "scenario": "steady", "method": name, "e2e_s": round(result["seconds"], 4),
+        "it_per_s": round(settings.steps / result["seconds"], 2), "first_call_s": round(first_s, 2),
+        "unet_step_ms": round(step * 1000, 2), "unet_floor_ms": round(floor_s * 1000, 2),
+        "peak_gib": round(result["peak_gib"], 2),
+        "psnr_vs_eager_db": None if reference is None else _psnr(reference, image), "image": image,
+    }
+
+
+def run_steady(asm: Assembly, cfg: DictConfig) -> list[dict[str, Any]]:
+    """Rows for eager, plain torch.compile, and onediffx on ``asm.pipe`` (left compiled by onediffx)."""
+    settings = Settings.from_config(cfg)
+    pipe, device = asm.pipe, asm.device
+    probe = UNetProbe(pipe.unet)
+    first_s, _ = timed(lambda: generate(asm, settings), device)
+    flops = probe.flops(pipe.unet)
+    peak = matmul_peak_tflops(device, asm.dtype if device.type == "cuda" else torch.float32)
+    floor_s = flops / (peak * 1e12)
+    rows = [_row("diffusers eager", asm, settings, cfg, first_s, None, floor_s)]
+    rows[0].update(unet_tflop=round(flops / 1e12, 2), matmul_peak_tflops=round(peak, 1))
+    reference = rows[0]["image"]
+
+    if cfg.bench.peer_compile:
+        eager_unet = pipe.unet
+        eager_unet.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(eager_unet, fullgraph=True)
+        first_s, _ = timed(lambda: generate(asm, settings), device)
+        rows.append(_row("torch.compile(unet) channels-last", asm, settings, cfg, first_s, reference, floor_s))
+        pipe.unet = eager_unet
+        torch._dynamo.reset()
+
+    options = OmegaConf.to_object(cfg.compile)
+    compile_pipe(pipe, options.backend, options)
+    first_s, _ = timed(lambda: generate(asm, settings), device)
+    preset = OmegaConf.select(cfg, "bench.compile_preset") or options.backend
+    rows.append(_row(f"onediffx compile={preset}", asm, settings, cfg, first_s, reference, floor_s))
+    base = rows[0]["e2e_s"]
+    for row in rows:
+        row["speedup"] = round(base / row["e2e_s"], 3)
+        row.pop("image")
+    return rows

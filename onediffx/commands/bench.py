@@ -1,0 +1,101 @@
+"""``python -m onediffx bench``: the scenarios of ``conf/bench.yaml``, peers and onediffx side by side.
+
+Steady-state, LoRA and DeepCache scenarios share one process and one pipeline (loaded fresh for
+each scenario, so one scenario's changes never leak into the next); cold start runs its own
+processes. Results go to ``bench.json`` and ``bench.md`` in the output folder and are printed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..device import device_name, resolve_device, resolve_dtype
+from ..errors import ConfigError
+from ..generate import Settings
+from ..metrics import versions
+from ..models.loader import load_pipeline
+from ..stages.base import Assembly
+
+log = logging.getLogger("onediffx.bench")
+
+
+def _fresh(cfg: DictConfig) -> Assembly:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, cfg.model.dtype, device)
+    pipe = load_pipeline(cfg.model, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return Assembly(pipe=pipe, cfg=cfg, device=device, dtype=dtype)
+
+
+def _steady(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.steady import run_steady
+
+    return run_steady(_fresh(cfg), cfg)
+
+
+def _cold_start(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.cold_start import run_cold_start
+
+    return run_cold_start(cfg)
+
+
+def _lora(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.lora import run_lora_bench
+
+    asm = _fresh(cfg)
+    rows = run_lora_bench(asm.pipe, asm.device, list(cfg.bench.lora_sizes_mb), tmp_dir=None)
+    return [{"scenario": "lora", **row} for row in rows]
+
+
+def _deepcache(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.deepcache import run_deepcache_bench
+    from ..compile import compile_pipe
+
+    asm = _fresh(cfg)
+    settings = Settings.from_config(cfg)
+    options = OmegaConf.to_object(cfg.compile)
+    compile_fn = (lambda pipe: compile_pipe(pipe, options.backend, options)) if cfg.bench.deepcache_compile else None
+    rows = run_deepcache_bench(asm.pipe, asm.device, list(cfg.bench.deepcache_intervals), settings.steps,
+                               settings.height, settings.width, compile_fn, prompt=cfg.prompt, seed=cfg.seed,
+                               repeat=cfg.bench.repeat)
+    return [{"scenario": "deepcache", **row} for row in rows]
+
+
+RUNNERS: dict[str, Callable[[DictConfig, Path], list[dict[str, Any]]]] = {
+    "steady": _steady, "cold_start": _cold_start, "lora": _lora, "deepcache": _deepcache,
+}
+
+
+def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run each scenario in ``bench.scenarios`` and write the report."""
+    from ..bench.report import write_report
+
+    for i, name in enumerate(cfg.bench.scenarios):
+        if name not in RUNNERS:
+            raise ConfigError(f"bench.scenarios[{i}]: unknown scenario {name!r}; known: {', '.join(RUNNERS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    device = resolve_device(cfg.device)
+    settings = Settings.from_config(cfg)
+    header = {"device_name": device_name(device), "versions": versions(), "model": cfg.model.name,
+              "synthetic": bool(cfg.model.synthetic), "height": settings.height, "width": settings.width,
+              "steps": settings.steps}
+    rows: list[dict[str, Any]] = []
+    for name in cfg.bench.scenarios:
+        try:
+            rows += RUNNERS[name](cfg, out_dir)
+        except Exception as err:  # one scenario's failure (an OOM, say) must not lose the others' rows
+            log.exception("bench scenario %s failed", name)
+            rows.append({"scenario": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+        write_report(out_dir, header, rows)  # after each scenario, so a timeout keeps what was measured
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(write_report(out_dir, header, rows), flush=True)
+    return {"rows": rows}

@@ -1,0 +1,77 @@
+"""Compile backends, registered by name: ``none``, ``inductor`` (and ``auto``, resolved per device).
+
+A backend is ``fn(module, name, options, on_miss) -> handle``: it compiles ``module`` in place
+(the object the pipeline holds stays the same) and returns a ``CompiledForward`` when the result
+can be saved to the graph cache, or ``None`` when it relies on Inductor's own caches. Plugins
+register more (``plugins/onediff.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..registry import register_backend
+from .dispatch import CompiledForward
+
+
+def inductor_options(options: Any) -> dict[str, Any]:
+    """Inductor config for ``torch.compile(options=...)``: the mode's settings plus explicit flags.
+
+    ``torch.compile`` refuses ``mode`` and ``options`` together, so a mode is expanded into the
+    options it stands for.
+    """
+    opts: dict[str, Any] = {}
+    if options.mode:
+        opts.update(torch._inductor.list_mode_options(options.mode))
+    if options.max_autotune:
+        opts["max_autotune"] = True
+    if not options.cuda_graphs:
+        opts["triton.cudagraphs"] = False
+    opts.update(dict(options.inductor or {}))
+    return opts
+
+
+def aot_capable(module: nn.Module, options: Any) -> bool:
+    """Whether the module can be compiled into saveable graphs (else Dynamo's usual path is used).
+
+    Regional compilation and CUDA graphs have no saveable form here; DeepCache's step dispatcher
+    replaces ``forward`` with Python control flow that must stay outside the graph.
+    """
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if options.regional or options.cuda_graphs or options.graph != "aot":
+        return False
+    if "_onediffx_deep_cache" in module.__dict__ or "forward" in module.__dict__:
+        return False
+    return isinstance(module, ModelMixin) or type(module).__module__.startswith("diffusers.")
+
+
+@register_backend("inductor")
+def inductor(module: nn.Module, name: str, options: Any, on_miss: str = "compile") -> Optional[CompiledForward]:
+    """PyTorch Inductor via torch.compile; saveable ahead-of-time graphs where possible."""
+    kwargs = dict(backend="inductor", dynamic=options.dynamic, options=inductor_options(options))
+    if aot_capable(module, options):
+        compiled = CompiledForward(module, kwargs, on_miss=on_miss, name=name)
+        module.forward = compiled
+        return compiled
+    if options.regional and getattr(module, "_repeated_blocks", None):
+        module.compile_repeated_blocks(fullgraph=options.fullgraph, **kwargs)
+    else:
+        module.compile(fullgraph=options.fullgraph, **kwargs)
+    return None
+
+
+@register_backend("none")
+def eager(module: nn.Module, name: str, options: Any, on_miss: str = "compile") -> None:
+    """No compilation: diffusers' eager modules."""
+    return None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` is Inductor on CUDA and eager on the CPU, where compiling rarely pays for itself."""
+    if name == "auto":
+        return "inductor" if device.type == "cuda" else "none"
+    return name

@@ -1,0 +1,149 @@
+"""``CompiledForward``: a module's forward, compiled ahead of time once per input signature.
+
+It replaces ``module.forward`` on the instance, so the module object, its class and its
+parameters stay what diffusers and the user hold: ``load_state_dict`` or in-place LoRA fusing
+reaches the compiled graph (parameters are graph inputs, read at each call), and nothing
+recompiles. Each entry is one Dynamo graph captured with ``aot_compile`` and compiled by Inductor;
+entries serialize (``torch.compiler.load_compiled_function``), which is what lets a new process
+skip Dynamo tracing and Inductor entirely. A call whose inputs match no entry (a new resolution)
+compiles one more entry, or runs eagerly when told to, and says so once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .guards import portable_guards
+
+log = logging.getLogger(__name__)
+
+
+def module_forward(module: nn.Module) -> Callable[..., Any]:
+    """The undecorated ``forward`` function of the module's class (``self`` as first argument).
+
+    diffusers wraps some forwards (``apply_lora_scale``); the wrapper only scales PEFT LoRA layers,
+    which onediffx never installs, and it cannot be serialized by reference.
+    """
+    return inspect.unwrap(type(module).forward)
+
+
+def signature_of(args: tuple, kwargs: dict) -> list[Any]:
+    """A readable summary of the tensor shapes and dtypes of a call, for manifests and messages."""
+
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return [list(value.shape), str(value.dtype).replace("torch.", "")]
+        if isinstance(value, dict):
+            return {k: describe(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [describe(v) for v in value]
+        return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+
+    return describe([list(args), kwargs])
+
+
+class CompiledForward:
+    """Drop-in ``forward`` that dispatches among AOT-compiled graphs by their guards."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        compile_kwargs: dict[str, Any],
+        on_miss: str = "compile",
+        name: str = "",
+    ) -> None:
+        self.module = module
+        self.name = name or type(module).__name__
+        self.impl = module_forward(module)
+        self.compile_kwargs = compile_kwargs
+        self.on_miss = on_miss
+        self.entries: list[Any] = []
+        self.signatures: list[list[Any]] = []
+        self.compiles = 0
+        """Graphs compiled in this process (loaded ones are not counted)."""
+        self.dirty = False
+        """True when an entry was compiled since the last save."""
+        self._last: Optional[Any] = None
+        self._warned: set[str] = set()
+        self.on_release: Optional[Callable[["CompiledForward"], None]] = None
+
+    def __reduce__(self):
+        # Dynamo pickles the module's attributes into a saved graph's guard state; this object
+        # (which holds other graphs' guard managers) is reached through ``module.forward`` and
+        # is not part of any guard, so it pickles as a marker.
+        return (str, (f"<onediffx CompiledForward of {self.name}>",))
+
+    def release(self) -> None:
+        """Hand the module back to Dynamo's usual path (``module.compile``) with the same options.
+
+        Needed when something wraps submodule forwards after compiling (DeepCache's replay
+        hooks): ahead-of-time graphs inlined the old forwards and would never see the hooks,
+        whereas Dynamo traces them.
+        """
+        self.module.__dict__.pop("forward", None)
+        kwargs = {k: v for k, v in self.compile_kwargs.items() if k != "fullgraph"}
+        self.module.compile(fullgraph=True, **kwargs)
+        if self.on_release is not None:
+            self.on_release(self)
+
+    # -- calling ---------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        entry = self._match(args, kwargs)
+        if entry is None:
+            if self.on_miss == "eager" and self.entries:
+                self._say_once("eager", f"{self.name}: input {signature_of(args, kwargs)} was not prepared; running eager")
+                return self.impl(self.module, *args, **kwargs)
+            entry = self._compile(args, kwargs)
+        self._last = entry
+        return entry(self.module, *args, **kwargs)
+
+    def _match(self, args: tuple, kwargs: dict) -> Optional[Any]:
+        candidates = ([self._last] if self._last is not None else []) + self.entries
+        for entry in candidates:
+            if entry.guard_check(self.module, *args, **kwargs):
+                return entry
+        return None
+
+    def _compile(self, args: tuple, kwargs: dict) -> Any:
+        if self.entries:
+            self._say_once(str(len(self.entries)), f"{self.name}: compiling a graph for new input {signature_of(args, kwargs)}")
+        if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch 2.11 gates the API behind it
+            torch._dynamo.config.enable_aot_compile = True
+        options = {**self.compile_kwargs.get("options", {}), "guard_filter_fn": portable_guards}
+        compiled = torch.compile(self.impl, **{**self.compile_kwargs, "options": options, "fullgraph": True})
+        with torch.no_grad():
+            entry = compiled.aot_compile(((self.module, *args), kwargs))
+        entry.disable_guard_check()  # _match checks once; the entry need not check again
+        self.entries.append(entry)
+        self.signatures.append(signature_of(args, kwargs))
+        self.compiles += 1
+        self.dirty = True
+        return entry
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def serialize(self) -> list[bytes]:
+        """One blob per compiled graph, for the graph cache."""
+        return [type(e).serialize(e, {"forward": self.impl}).serialized_data for e in self.entries]
+
+    def load(self, blobs: list[bytes], signatures: list[list[Any]]) -> None:
+        """Add graphs saved by ``serialize`` (in any process with the same key)."""
+        from torch.compiler import load_compiled_function
+
+        for blob, signature in zip(blobs, signatures):
+            entry = load_compiled_function(io.BytesIO(blob), external_data={"forward": self.impl})
+            entry.disable_guard_check()
+            self.entries.append(entry)
+            self.signatures.append(signature)

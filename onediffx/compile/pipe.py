@@ -1,0 +1,219 @@
+"""``compile_pipe``, ``save_pipe``, ``load_pipe``: OneDiffX's API over Inductor and the graph cache.
+
+    pipe = compile_pipe(pipe)                 # compile UNet / VAE decoder / ControlNet in place
+    pipe(prompt, ...)                         # the first call at each shape compiles
+    save_pipe(pipe, dir="cached_pipe")        # persist what compilation produced
+    ...                                       # in a new process:
+    pipe = compile_pipe(pipe); load_pipe(pipe, dir="cached_pipe"); pipe(prompt, ...)   # no compiling
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..config.schema import CompileConfig
+from ..graph_cache import GraphCache, config_digest, environment_key
+from ..registry import get_backend
+from .backends import resolve_backend
+from .dispatch import CompiledForward
+
+log = logging.getLogger("onediffx.compile")
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+MEGA = "inductor-artifacts"
+
+
+@dataclass
+class CompileState:
+    """What ``compile_pipe`` did to a pipeline, kept on it as ``pipe._onediffx_compile``."""
+
+    backend: str
+    options: CompileConfig
+    saveable: dict[str, CompiledForward] = field(default_factory=dict)
+    """Components compiled into saveable graphs, by attribute path."""
+    dynamo: list[str] = field(default_factory=list)
+    """Components compiled by Dynamo's usual path (saved as Inductor cache artifacts)."""
+
+
+def compile_options(preset: str = "inductor", **overrides: Any) -> CompileConfig:
+    """The options of a ``conf/compile/<preset>.yaml`` preset, with ``overrides``, for Python callers."""
+    from ..cli import CONF_DIR
+
+    base = OmegaConf.merge(OmegaConf.structured(CompileConfig), OmegaConf.load(CONF_DIR / "compile" / f"{preset}.yaml"))
+    return replace(OmegaConf.to_object(base), **overrides)
+
+
+def _as_options(options: Any, backend: str) -> CompileConfig:
+    if options is None:
+        return compile_options("inductor" if backend != "none" else "none")
+    if isinstance(options, CompileConfig):
+        return options
+    if isinstance(options, (dict, DictConfig)):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompileConfig), options))
+    raise TypeError(f"compile_pipe: options must be a CompileConfig, a dict or None, not {type(options).__name__}")
+
+
+def _find(pipe: Any, path: str) -> Optional[torch.nn.Module]:
+    obj = pipe
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.nn.Module) else None
+
+
+def _device_of(pipe: Any) -> torch.device:
+    return getattr(pipe, "device", None) or torch.device("cpu")
+
+
+def _cast_inputs_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args), kwargs
+
+
+def _prepare(pipe: Any, options: CompileConfig, device: torch.device) -> None:
+    """Layout and precision changes that make compiled kernels faster, applied before compiling."""
+    vae = getattr(pipe, "vae", None)
+    if options.vae_dtype and vae is not None and device.type == "cuda" and vae.dtype != torch.float32:
+        # bf16 has fp32's exponent range, so the SDXL VAE needs no fp32 upcast to avoid overflow.
+        vae.to(getattr(torch, options.vae_dtype))
+        vae.register_to_config(force_upcast=False)
+        vae.post_quant_conv.register_forward_pre_hook(_cast_inputs_hook, with_kwargs=True)
+        vae.decoder.register_forward_pre_hook(_cast_inputs_hook, with_kwargs=True)
+    for path in ("unet", "transformer", "controlnet", "vae"):
+        module = _find(pipe, path)
+        if module is None:
+            continue
+        if options.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if options.fuse_qkv and hasattr(module, "fuse_qkv_projections"):
+            module.fuse_qkv_projections()
+
+
+def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, on_miss: str = "compile") -> Any:
+    """Compile the pipeline's heavy components in place and return the pipeline.
+
+    ``options`` is a ``CompileConfig`` (see ``compile_options``), a dict of its fields, or ``None``
+    for the ``inductor`` preset. Compilation happens at the first call for each input shape;
+    ``on_miss="eager"`` makes shapes beyond those already compiled (or loaded) run eagerly.
+    """
+    device = _device_of(pipe)
+    backend = resolve_backend(backend, device)
+    options = _as_options(options, backend)
+    state = CompileState(backend=backend, options=options)
+    pipe._onediffx_compile = state
+    if backend == "none":
+        return pipe
+    _prepare(pipe, options, device)
+    compile_fn = get_backend(backend)
+    paths = list(options.components) + (list(TEXT_ENCODERS) if options.text_encoders else [])
+    deep_cached = type(pipe).__module__.startswith("onediffx.deep_cache")
+    for path in paths:
+        module = _find(pipe, path)
+        if module is None:
+            continue
+        # DeepCache pipelines hook the UNet at call time; only Dynamo's path traces those hooks.
+        opts = replace(options, graph="dynamo") if deep_cached and path == "unet" else options
+        handle = compile_fn(module, path, opts, on_miss)
+        if isinstance(handle, CompiledForward):
+            state.saveable[path] = handle
+            handle.on_release = lambda h, path=path: _released(state, path)
+        else:
+            state.dynamo.append(path)
+    return pipe
+
+
+def _released(state: CompileState, path: str) -> None:
+    state.saveable.pop(path, None)
+    state.dynamo.append(path)
+
+
+def compile_state(pipe: Any) -> Optional[CompileState]:
+    return getattr(pipe, "_onediffx_compile", None)
+
+
+def compile_counters(pipe: Any) -> dict[str, int]:
+    """Graphs compiled in this process, graphs loaded from the cache, and Dynamo's traced graphs."""
+    from torch._dynamo.utils import counters
+
+    state = compile_state(pipe)
+    handles = list(state.saveable.values()) if state else []
+    compiled = sum(h.compiles for h in handles)
+    return {
+        "graphs_compiled": compiled,
+        "graphs_loaded": sum(len(h.entries) for h in handles) - compiled,
+        "dynamo_graphs": int(counters["stats"]["unique_graphs"]),
+    }
+
+
+def component_key(pipe: Any, path: str, state: CompileState) -> dict[str, Any]:
+    module = _find(pipe, path)
+    param = next(module.parameters())
+    return {
+        **environment_key(param.device),
+        "component": path,
+        "class": type(module).__name__,
+        "architecture": config_digest(module),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "compile": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(state.options)).items()
+                    if k not in ("components", "text_encoders")},
+    }
+
+
+def _dynamo_key(pipe: Any, state: CompileState) -> dict[str, Any]:
+    return {**component_key(pipe, state.dynamo[0], state), "components": sorted(state.dynamo)}
+
+
+def save_pipe(pipe: Any, dir: str = "cached_pipe", *, overwrite: bool = True) -> dict[str, Any]:
+    """Persist the compiled graphs of ``pipe`` into ``dir``; returns what was written per component."""
+    state = compile_state(pipe)
+    if state is None or state.backend == "none":
+        raise ValueError("save_pipe: the pipeline is not compiled; call compile_pipe(pipe) and run it once first")
+    cache, written = GraphCache(dir), {}
+    for path, compiled in state.saveable.items():
+        if not compiled.entries or (not overwrite and not compiled.dirty):
+            continue
+        entry = cache.save(path, component_key(pipe, path, state), compiled.serialize(), compiled.signatures)
+        compiled.dirty = False
+        written[path] = {"path": str(entry), "graphs": len(compiled.entries)}
+    if state.dynamo:
+        blob = torch.compiler.save_cache_artifacts()
+        if blob is not None:
+            entry = cache.save(MEGA, _dynamo_key(pipe, state), [blob[0]], [state.dynamo])
+            written[MEGA] = {"path": str(entry), "graphs": len(state.dynamo)}
+    return written
+
+
+def load_pipe(pipe: Any, dir: str = "cached_pipe") -> dict[str, Any]:
+    """Load graphs saved by ``save_pipe`` into a pipeline already passed to ``compile_pipe``.
+
+    Returns ``{component: {"hit": bool, ...}}``. A missing, stale or corrupt entry is a miss: that
+    component compiles at its first call, as if nothing had been saved.
+    """
+    state = compile_state(pipe)
+    if state is None or state.backend == "none":
+        raise ValueError("load_pipe: call compile_pipe(pipe) first, with the options the graphs were saved with")
+    cache, found = GraphCache(dir), {}
+    for path, compiled in state.saveable.items():
+        loaded = cache.load(path, component_key(pipe, path, state))
+        if loaded is None:
+            found[path] = {"hit": False, "reason": cache.last_miss}
+            continue
+        try:
+            compiled.load(loaded.blobs, loaded.signatures)
+        except Exception as err:  # an artifact this torch cannot read is stale, not fatal
+            cache.discard(loaded.path, f"{type(err).__name__}: {err}".splitlines()[0])
+            found[path] = {"hit": False, "reason": cache.last_miss}
+            continue
+        found[path] = {"hit": True, "graphs": len(loaded.blobs), "signatures": loaded.signatures}
+    if state.dynamo:
+        loaded = cache.load(MEGA, _dynamo_key(pipe, state))
+        if loaded is not None:
+            torch.compiler.load_cache_artifacts(loaded.blobs[0])
+        found[MEGA] = {"hit": loaded is not None}
+    return found

@@ -1,0 +1,173 @@
+"""Compilation and the graph cache on the tiny SD pipeline (Inductor on the CPU).
+
+One module-scoped pipeline is compiled at two resolutions and saved; every test reuses it, so the
+suite pays for Inductor twice, not once per test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from conftest import REPO, job_dirs, run_cli
+from onediffx.compile import compile_options, compile_pipe, compile_state, load_pipe, save_pipe
+from onediffx.compile.pipe import component_key
+from onediffx.graph_cache import GraphCache
+from onediffx.models.tiny import tiny_sd
+
+pytestmark = pytest.mark.slow
+PROMPT = "a photo of an astronaut riding a horse on the moon"  # the CLI's default, for comparisons
+SIZES = (64, 96)
+
+
+def _image(pipe, size: int, seed: int = 0) -> np.ndarray:
+    out = pipe(prompt=[PROMPT], height=size, width=size, num_inference_steps=2, guidance_scale=7.5,
+               generator=[torch.Generator().manual_seed(seed)], output_type="pil")
+    return np.asarray(out.images[0], dtype=np.int16)
+
+
+def _options():
+    return compile_options("inductor", components=["unet"])
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    pipe = tiny_sd()
+    pipe.set_progress_bar_config(disable=True)
+    eager = {size: _image(pipe, size) for size in SIZES}
+    compile_pipe(pipe, "inductor", _options())
+    images = {size: _image(pipe, size) for size in SIZES}
+    cache_dir = tmp_path_factory.mktemp("graphs")
+    written = save_pipe(pipe, str(cache_dir))
+    return dict(pipe=pipe, eager=eager, images=images, cache_dir=cache_dir, written=written)
+
+
+def _unet(compiled):
+    return compile_state(compiled["pipe"]).saveable["unet"]
+
+
+def test_compiled_output_matches_eager(compiled):
+    for size in SIZES:
+        assert np.abs(compiled["images"][size] - compiled["eager"][size]).max() <= 2
+
+
+def test_module_object_and_parameters_stay_the_pipelines(compiled):
+    pipe = compiled["pipe"]
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert pipe.unet.forward is _unet(compiled)
+
+
+def test_warmed_resolutions_alternate_without_recompiling(compiled):
+    graphs_before, compiles_before = counters["stats"]["unique_graphs"], _unet(compiled).compiles
+    for size in (*SIZES, *SIZES):
+        assert np.array_equal(_image(compiled["pipe"], size), compiled["images"][size])
+    assert _unet(compiled).compiles == compiles_before == len(SIZES)
+    assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_new_weights_reach_the_graph_without_recompiling(compiled):
+    pipe, unet = compiled["pipe"], compiled["pipe"].unet
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    torch.manual_seed(1)
+    other = type(unet).from_config(unet.config).state_dict()
+    graphs_before, compiles_before = counters["stats"]["unique_graphs"], _unet(compiled).compiles
+    try:
+        unet.load_state_dict(other)
+        changed = _image(pipe, 64)
+        reference = tiny_sd()
+        reference.set_progress_bar_config(disable=True)
+        reference.unet.load_state_dict(other)
+        assert not np.array_equal(changed, compiled["images"][64])
+        assert np.abs(changed - _image(reference, 64)).max() <= 2
+        assert _unet(compiled).compiles == compiles_before
+        assert counters["stats"]["unique_graphs"] == graphs_before
+    finally:
+        unet.load_state_dict(original)
+
+
+def test_restart_loads_graphs_and_compiles_nothing(compiled, tmp_path):
+    """A fresh process (the real CLI) hits the cache, compiles nothing, and gives the same image."""
+    proc = run_cli("run", "compile=inductor", "compile.components=[unet]", f"cache.dir={compiled['cache_dir']}",
+                   "steps=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (job,) = job_dirs(tmp_path / "outputs")
+    metrics = json.loads((job / "metrics.json").read_text())
+    stages = metrics["stages"]
+    assert stages["load-graph"]["hit"] is True and stages["load-graph"]["components"]["unet"]["graphs"] == 2
+    assert stages["save-graph"]["saved"] is False
+    assert metrics["compile_counters"]["graphs_compiled"] == 0 and metrics["compile_counters"]["dynamo_graphs"] == 0
+    from PIL import Image
+
+    image = np.asarray(Image.open(job / metrics["outputs"][0]), dtype=np.int16)
+    assert np.abs(image - compiled["images"][64]).max() <= 1
+
+
+def test_corrupt_entry_is_reported_and_rebuilt(compiled, tmp_path, caplog):
+    cache_dir = tmp_path / "graphs"
+    shutil.copytree(compiled["cache_dir"], cache_dir)
+    (graph,) = [p for p in cache_dir.rglob("graph-0.bin")]
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    fresh = tiny_sd()
+    compile_pipe(fresh, "inductor", _options())
+    with caplog.at_level(logging.WARNING, logger="onediffx.graph_cache"):
+        found = load_pipe(fresh, str(cache_dir))
+    assert found["unet"] == {"hit": False, "reason": "corrupt"}
+    assert any("unusable" in r.message and "truncated or corrupt" in r.message for r in caplog.records)
+    assert not graph.parent.exists()  # removed, so the next save rebuilds it
+    save_pipe(compiled["pipe"], str(cache_dir))  # the next save rebuilds the entry whole
+    again = tiny_sd()
+    compile_pipe(again, "inductor", _options())
+    assert load_pipe(again, str(cache_dir))["unet"]["hit"] is True
+
+
+def test_mismatched_key_is_a_miss_that_names_the_difference(compiled, caplog):
+    pipe = compiled["pipe"]
+    key = component_key(pipe, "unet", compile_state(pipe))
+    assert key["dtype"] == "float32" and key["torch"] == torch.__version__
+    other = {**key, "dtype": "float16"}
+    with caplog.at_level(logging.WARNING, logger="onediffx.graph_cache"):
+        assert GraphCache(compiled["cache_dir"]).load("unet", other) is None
+    assert any("dtype: 'float32' -> 'float16'" in r.message for r in caplog.records)
+    manifest = json.loads(next(compiled["cache_dir"].rglob("manifest.json")).read_text())
+    assert manifest["key"]["device"] and manifest["key"]["compile"]["backend"] == "inductor"
+    assert [g["signature"][0][0][0] for g in manifest["graphs"]] == [[2, 4, 32, 32], [2, 4, 48, 48]]  # the tiny VAE downsamples by 2
+
+
+def test_concurrent_saves_leave_one_valid_entry(compiled, tmp_path):
+    blobs = _unet(compiled).serialize()
+    for i, blob in enumerate(blobs):
+        (tmp_path / f"blob{i}").write_bytes(blob)
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from onediffx.graph_cache import GraphCache
+        src = Path({str(tmp_path)!r})
+        blobs = [(src / f"blob{{i}}").read_bytes() for i in range({len(blobs)})]
+        for _ in range(5):
+            GraphCache(src / "cache").save("unet", {{"k": 1}}, blobs, [[i] for i in range(len(blobs))])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO) for _ in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    entries = [p for p in (tmp_path / "cache" / "unet").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not entries[0].name.startswith(".")
+    loaded = GraphCache(tmp_path / "cache").load("unet", {"k": 1})
+    assert loaded is not None and loaded.blobs == blobs
+
+
+def test_unknown_backend_and_missing_onediff_are_one_line(compose_run):
+    from onediffx.errors import ConfigError, NotAvailableError
+    from onediffx.resolver import plan
+
+    with pytest.raises(ConfigError, match=r"compile.backend: unknown compile backend 'fast'"):
+        plan(compose_run("compile.backend=fast"))
+    with pytest.raises(NotAvailableError, match=r"compile.backend=oneflow: .* use compile=inductor"):
+        plan(compose_run("plugins=[onediff]", "compile=inductor", "compile.backend=oneflow"))
