@@ -14,7 +14,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..device import device_name, synchronize
 from ..deep_cache import DeepCacheParams, deep_cache, disable_deep_cache, helper_branch_id, pipeline_unet
+from .measure import psnr
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 
@@ -55,10 +57,10 @@ def run_deepcache_bench(
             run()
         times, image = [], None
         for _ in range(max(1, repeat)):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             image = run()
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         return float(np.median(times)), image
 
@@ -125,25 +127,7 @@ def _row(method: str, interval: Optional[int], compiled: bool, seconds: float, b
          reference: np.ndarray, device: torch.device) -> dict[str, Any]:
     return {
         "method": method, "interval": interval, "compiled": compiled, "latency_s": round(seconds, 4),
-        "speedup": round(base_s / seconds, 3), "psnr_db": _psnr(reference, image), "device": _device_name(device),
+        "speedup": round(base_s / seconds, 3), "psnr_db": psnr(reference, image, 1.0), "device": device_name(device),
     }
 
 
-def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
-    """PSNR in dB over [0, 1] images; ``inf`` for identical images."""
-    from skimage.metrics import peak_signal_noise_ratio
-
-    if np.array_equal(reference, image):
-        return float("inf")
-    return round(float(peak_signal_noise_ratio(reference, image, data_range=1.0)), 3)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type

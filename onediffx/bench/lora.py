@@ -11,13 +11,13 @@ each layer's update in place with one ``addmm_``.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..lora import api as onediffx_lora
+from .measure import seconds as _seconds
 from ..lora.fit import lora_components
 from ..lora.formats import TargetKey, to_canonical
 from ..lora.sources import clear_cache, read_lora
@@ -26,19 +26,6 @@ from ..lora.synthetic import bytes_per_rank, lora_targets, random_lora, save_koh
 MiB = 2**20
 SAMPLES = 16
 """Layers whose fused values are compared between diffusers and onediffx (all would double memory)."""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _bench_targets(pipe: Any) -> Dict[TargetKey, torch.nn.Module]:
@@ -100,14 +87,14 @@ def _floor(plan: List[Tuple[torch.nn.Parameter, str, str, float]], path: Path, d
 
 
 def _diffusers_load_fuse(pipe: Any, path: Path, name: str, device: torch.device) -> Tuple[float, float]:
-    load = _timed(lambda: pipe.load_lora_weights(str(path), adapter_name=name), device)
-    fuse = _timed(lambda: pipe.fuse_lora(adapter_names=[name]), device)
+    load = _seconds(lambda: pipe.load_lora_weights(str(path), adapter_name=name), device)
+    fuse = _seconds(lambda: pipe.fuse_lora(adapter_names=[name]), device)
     return load, fuse
 
 
 def _onediffx_load_fuse(pipe: Any, path: Path, name: str, device: torch.device, offload: str) -> float:
     weight = "weight" if offload != "cpu" else "lora"
-    return _timed(lambda: onediffx_lora.load_and_fuse_lora(pipe, str(path), name, offload_device=offload,
+    return _seconds(lambda: onediffx_lora.load_and_fuse_lora(pipe, str(path), name, offload_device=offload,
                                                             offload_weight=weight), device)
 
 
@@ -161,7 +148,7 @@ def _load_row(pipe: Any, i: int, path: Path, rank: int, device: torch.device, we
     weights.restore()
 
     plan = _floor_plan(pipe, path, device)
-    floor = _timed(lambda: _floor(plan, path, device), device)
+    floor = _seconds(lambda: _floor(plan, path, device), device)
     weights.restore()
     return {
         "kind": "load", "lora": name, "file_mb": round(path.stat().st_size / MiB, 2), "rank": rank,
@@ -179,7 +166,7 @@ def _switch_rows(pipe: Any, files: List[Path], device: torch.device, weights: _W
     peft = []
     for k in range(1, len(names) + 1):
         chosen = names[:k]
-        peft.append(_timed(lambda: (pipe.set_adapters(chosen, [1.0] * k), pipe.fuse_lora(adapter_names=chosen)),
+        peft.append(_seconds(lambda: (pipe.set_adapters(chosen, [1.0] * k), pipe.fuse_lora(adapter_names=chosen)),
                            device))
         pipe.unfuse_lora()
     pipe.unload_lora_weights()
@@ -188,7 +175,7 @@ def _switch_rows(pipe: Any, files: List[Path], device: torch.device, weights: _W
     for name, path in zip(names, files):
         onediffx_lora.load_lora_and_optionally_fuse(pipe, str(path), name, fuse=False, use_cache=True,
                                                     offload_device=device.type, offload_weight="weight")
-    ours = [_timed(lambda: onediffx_lora.set_and_fuse_adapters(pipe, names[:k], [1.0] * k), device)
+    ours = [_seconds(lambda: onediffx_lora.set_and_fuse_adapters(pipe, names[:k], [1.0] * k), device)
             for k in range(1, len(names) + 1)]
     onediffx_lora.delete_adapters(pipe)
     clear_cache()

@@ -6,9 +6,24 @@ import statistics
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..device import peak_memory_gib, reset_peak_memory, synchronize
+
+
+def psnr(reference: np.ndarray, image: np.ndarray, data_range: float) -> float:
+    """PSNR in dB (scikit-image), ``inf`` for identical images: what a speed-up costs in fidelity."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if np.array_equal(reference, image):
+        return float("inf")
+    return round(float(peak_signal_noise_ratio(reference, image, data_range=data_range)), 3)
+
+
+def seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall-clock seconds of one call, with the device's queue drained before and after."""
+    return timed(fn, device)[0]
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:

@@ -16,15 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..compile import compile_pipe
 from ..generate import Settings, generate
 from ..stages.base import Assembly
-from .measure import UNetProbe, matmul_peak_tflops, median_call, timed
-
-
-def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
-    from skimage.metrics import peak_signal_noise_ratio
-
-    if np.array_equal(reference, image):
-        return float("inf")
-    return round(float(peak_signal_noise_ratio(reference, image, data_range=255)), 2)
+from .measure import UNetProbe, matmul_peak_tflops, median_call, psnr, timed
 
 
 def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s: float,
@@ -39,7 +31,7 @@ def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s:
         "it_per_s": round(settings.steps / result["seconds"], 2), "first_call_s": round(first_s, 2),
         "unet_step_ms": round(step * 1000, 2), "unet_floor_ms": round(floor_s * 1000, 2),
         "peak_gib": round(result["peak_gib"], 2),
-        "psnr_vs_eager_db": None if reference is None else _psnr(reference, image), "image": image,
+        "psnr_vs_eager_db": None if reference is None else psnr(reference, image, 255), "image": image,
     }
 
 

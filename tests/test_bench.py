@@ -1,0 +1,30 @@
+"""``python -m onediffx bench`` end to end on the CPU with the tiny model (machinery, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def test_bench_writes_json_and_markdown_with_consistent_ratios(tmp_path):
+    proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[steady]",
+                   "bench.peer_compile=false", "steps=2", "bench.repeat=2", "bench.unet_iters=1",
+                   "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    eager, onediffx = report["rows"]
+    assert eager["method"] == "diffusers eager" and onediffx["method"] == "onediffx compile=none"
+    assert eager["unet_tflop"] >= 0 and eager["unet_step_ms"] > 0 and eager["unet_floor_ms"] > 0
+    assert onediffx["speedup"] == pytest.approx(eager["e2e_s"] / onediffx["e2e_s"], rel=1e-2)
+    assert onediffx["psnr_vs_eager_db"] == float("inf")  # eager "compile": the very same image
+    markdown = (tmp_path / "out" / "bench.md").read_text()
+    assert "### steady" in markdown and "| diffusers eager |" in markdown and report["device_name"] in markdown
+
+
+def test_unknown_scenario_is_one_line(tmp_path):
+    proc = run_cli("bench", "model=tiny", "model.synthetic=false", "bench.scenarios=[fast]", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "onediffx: error: bench.scenarios[0]: unknown scenario 'fast'" in proc.stderr
