@@ -25,11 +25,6 @@ from diffusers import (
     DiffusionPipeline,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLPipeline,
-    StableVideoDiffusionPipeline,
     UNet2DConditionModel,
     UNetSpatioTemporalConditionModel,
 )
@@ -44,6 +39,7 @@ from transformers import (
 )
 
 from ..errors import ConfigError
+from .pipelines import PIPELINES  # the same allow-list model.pipeline is checked against
 from .tokenizer import offline_clip_tokenizer
 
 ARCH_DIR = Path(__file__).with_name("arch")
@@ -59,13 +55,6 @@ COMPONENTS: dict[str, type] = {
         )
     },
     "CLIPImageProcessor": CLIPImageProcessor,  # named apart: without torchvision it is CLIPImageProcessorPil
-}
-PIPELINES: dict[str, type[DiffusionPipeline]] = {
-    cls.__name__: cls
-    for cls in (
-        StableDiffusionPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline,
-        StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
-    )
 }
 
 
