@@ -81,7 +81,8 @@ def _prepare(pipe: Any, options: CompileConfig, device: torch.device) -> None:
     vae = getattr(pipe, "vae", None)
     if options.vae_dtype and vae is not None and device.type == "cuda" and vae.dtype != torch.float32:
         # bf16 has fp32's exponent range, so the SDXL VAE needs no fp32 upcast to avoid overflow.
-        vae.to(getattr(torch, options.vae_dtype))
+        # nn.Module.to: diffusers' override warns on every cast about fp32-pinned modules the VAE does not have
+        torch.nn.Module.to(vae, getattr(torch, options.vae_dtype))
         vae.register_to_config(force_upcast=False)
         vae.post_quant_conv.register_forward_pre_hook(_cast_inputs_hook, with_kwargs=True)
         vae.decoder.register_forward_pre_hook(_cast_inputs_hook, with_kwargs=True)
