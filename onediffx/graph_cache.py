@@ -33,7 +33,7 @@ from filelock import FileLock
 
 log = logging.getLogger("onediffx.graph_cache")
 
-FORMAT = 1
+FORMAT = 2  # 2: graphs carry only portable guards (see compile/guards.py)
 
 
 def _version(package: str) -> Optional[str]:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import logging
+import time
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from .guards import portable_guards
+from .guards import dispatch_key, portable_guards
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,18 @@ def signature_of(args: tuple, kwargs: dict) -> list[Any]:
     return describe([list(args), kwargs])
 
 
+def _portable(signature: Any) -> Any:
+    """The signature as it reads back from a manifest (JSON has lists, not tuples)."""
+    return json.loads(json.dumps(signature))
+
+
 class CompiledForward:
-    """Drop-in ``forward`` that dispatches among AOT-compiled graphs by their guards."""
+    """Drop-in ``forward`` that dispatches among AOT-compiled graphs by an exact key of the call.
+
+    A graph compiled here is filed under the call's ``dispatch_key``. A graph loaded from the cache
+    is filed at the first call whose readable signature equals the one it was saved with and
+    whose inputs pass its (portable) guards; from then on dispatch is one dictionary lookup.
+    """
 
     def __init__(
         self,
@@ -65,11 +77,15 @@ class CompiledForward:
         self.on_miss = on_miss
         self.entries: list[Any] = []
         self.signatures: list[list[Any]] = []
+        self.by_key: dict[tuple, Any] = {}
+        self.unbound: list[tuple[Any, Any]] = []
+        """Loaded (entry, signature) pairs not yet filed under a dispatch key."""
         self.compiles = 0
         """Graphs compiled in this process (loaded ones are not counted)."""
+        self.compile_seconds: list[float] = []
+        """Wall time of each of those compilations (Dynamo, AOTAutograd, Inductor, Triton)."""
         self.dirty = False
         """True when an entry was compiled since the last save."""
-        self._last: Optional[Any] = None
         self._warned: set[str] = set()
         self.on_release: Optional[Callable[["CompiledForward"], None]] = None
 
@@ -95,19 +111,25 @@ class CompiledForward:
     # -- calling ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        entry = self._match(args, kwargs)
+        key = dispatch_key(self.module, args, kwargs)
+        entry = self.by_key.get(key) or self._bind(key, args, kwargs)
         if entry is None:
             if self.on_miss == "eager" and self.entries:
                 self._say_once("eager", f"{self.name}: input {signature_of(args, kwargs)} was not prepared; running eager")
                 return self.impl(self.module, *args, **kwargs)
             entry = self._compile(args, kwargs)
-        self._last = entry
+            self.by_key[key] = entry
         return entry(self.module, *args, **kwargs)
 
-    def _match(self, args: tuple, kwargs: dict) -> Optional[Any]:
-        candidates = ([self._last] if self._last is not None else []) + self.entries
-        for entry in candidates:
-            if entry.guard_check(self.module, *args, **kwargs):
+    def _bind(self, key: tuple, args: tuple, kwargs: dict) -> Optional[Any]:
+        """File a loaded graph under this call's key if it was saved for exactly this call."""
+        if not self.unbound:
+            return None
+        signature = _portable(signature_of(args, kwargs))
+        for i, (entry, saved) in enumerate(self.unbound):
+            if saved == signature and entry.guard_check(self.module, *args, **kwargs):
+                del self.unbound[i]
+                self.by_key[key] = entry
                 return entry
         return None
 
@@ -118,9 +140,12 @@ class CompiledForward:
             torch._dynamo.config.enable_aot_compile = True
         options = {**self.compile_kwargs.get("options", {}), "guard_filter_fn": portable_guards}
         compiled = torch.compile(self.impl, **{**self.compile_kwargs, "options": options, "fullgraph": True})
+        start = time.perf_counter()
         with torch.no_grad():
             entry = compiled.aot_compile(((self.module, *args), kwargs))
-        entry.disable_guard_check()  # _match checks once; the entry need not check again
+        self.compile_seconds.append(round(time.perf_counter() - start, 2))
+        log.info("%s: compiled a graph for %s in %.1f s", self.name, signature_of(args, kwargs), self.compile_seconds[-1])
+        entry.disable_guard_check()  # dispatch checked the call; the entry need not check again
         self.entries.append(entry)
         self.signatures.append(signature_of(args, kwargs))
         self.compiles += 1
@@ -147,3 +172,4 @@ class CompiledForward:
             entry.disable_guard_check()
             self.entries.append(entry)
             self.signatures.append(signature)
+            self.unbound.append((entry, _portable(signature)))

@@ -1,35 +1,61 @@
-"""Which Dynamo guards a saved graph keeps.
+"""Which Dynamo guards a saved graph keeps, and the key that picks a graph for a call.
 
-A graph that is saved and loaded in another process can only carry guards that serialize: tensor
-metadata (shape, dtype, device, strides), global state (grad mode, autocast) and the shape
-environment. Guards on object identity (``ID_MATCH``, ``NN_MODULE``, closures) name objects of the
-process that compiled and cannot travel. What is lost is protection against someone swapping a
-submodule for another class after compiling; what is kept is exactly what tells one resolution or
-dtype from another, which is what dispatch among prepared shapes needs.
+A graph saved and loaded in another process can only carry guards that serialize. Dynamo also
+guards the module itself: its config attributes, its submodule dicts and their key order. Keeping
+any of those makes Dynamo pickle the whole module tree into the saved guard state (for the SDXL
+UNet: half of a 7 MB artifact, and 1-2 s of unpickling and guard building at each restart).
+
+onediffx keeps only the portable guards (global state such as grad mode and autocast, and
+tensor metadata of the call's inputs) and replaces the module guards by checks it can make
+cheaply itself: the graph cache key holds the component's architecture and dtype, and
+``dispatch_key`` below holds the inputs' exact metadata, the non-tensor arguments, and the
+module's parameter dtype, device and mode. Inductor's compiled code also asserts the size and
+stride of every parameter it reads. What is lost is protection against replacing a submodule
+or attention processor after compiling, which an ahead-of-time graph could not see anyway.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-GLOBAL_KINDS = ("GLOBAL_STATE", "SHAPE_ENV")
+PORTABLE_GLOBAL = ("GLOBAL_STATE", "SHAPE_ENV")
+MODULE_ARG = "self"
+"""The local name of the module in the compiled function ``forward(self, ...)``."""
 
 
-def _unserializable() -> frozenset[str]:
-    manager = torch._dynamo.guards.CheckFunctionManager
-    return frozenset(getattr(manager, "UNSUPPORTED_SERIALIZATION_GUARD_TYPES", ()))
+def _on_module(name: str) -> bool:
+    head = name.replace("(", " ").replace(")", " ").replace("[", " ").replace(".", " ").split()
+    return MODULE_ARG in head
 
 
 def portable_guards(entries: Sequence) -> list[bool]:
-    """``guard_filter_fn`` for ``torch.compile``: keep the guards a saved graph can carry."""
-    unsupported = _unserializable()
-    keep = []
-    for entry in entries:
-        kinds = {entry.guard_type, *(getattr(entry.orig_guard, "guard_types", None) or ())}
-        if kinds & unsupported or getattr(entry.orig_guard, "_unserializable", False):
-            keep.append(False)
-        else:
-            keep.append(not entry.is_global or entry.guard_type in GLOBAL_KINDS)
-    return keep
+    """``guard_filter_fn`` for ``torch.compile``: global state, and tensor metadata of the inputs."""
+    return [entry.guard_type in PORTABLE_GLOBAL
+            or (entry.guard_type == "TENSOR_MATCH" and not entry.is_global and not _on_module(entry.name))
+            for entry in entries]
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _describe(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_describe(v) for v in value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ("object", type(value).__qualname__)
+
+
+def dispatch_key(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What must be equal for a compiled graph to serve a call: a hashable summary of the call.
+
+    Non-tensor arguments count by value (``return_dict=False`` and ``True`` are different
+    graphs), tensors by shape, strides, dtype and device; the module by the dtype, device and
+    layout of its first parameter and by train/eval mode.
+    """
+    param = next(module.parameters(), None)
+    owner = None if param is None else (param.dtype, param.device, tuple(param.stride()))
+    return (owner, module.training, _describe(args), _describe(kwargs))

@@ -138,8 +138,9 @@ def compile_state(pipe: Any) -> Optional[CompileState]:
     return getattr(pipe, "_onediffx_compile", None)
 
 
-def compile_counters(pipe: Any) -> dict[str, int]:
-    """Graphs compiled in this process, graphs loaded from the cache, and Dynamo's traced graphs."""
+def compile_counters(pipe: Any) -> dict[str, Any]:
+    """Graphs compiled in this process, graphs loaded from the cache, Dynamo's traced graphs, and
+    the seconds each saveable component spent compiling (what a cold start pays, per component)."""
     from torch._dynamo.utils import counters
 
     state = compile_state(pipe)
@@ -149,6 +150,8 @@ def compile_counters(pipe: Any) -> dict[str, int]:
         "graphs_compiled": compiled,
         "graphs_loaded": sum(len(h.entries) for h in handles) - compiled,
         "dynamo_graphs": int(counters["stats"]["unique_graphs"]),
+        "compile_seconds": {path: h.compile_seconds for path, h in (state.saveable.items() if state else ())
+                            if h.compile_seconds},
     }
 
 
