@@ -44,7 +44,8 @@ def compose_run():
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m onediffx ...`` in a fresh process, outputs under ``cwd``."""
     inherited = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    full_env = {**inherited, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    path = os.pathsep.join(p for p in (str(REPO), inherited.get("PYTHONPATH", "")) if p)  # keep the caller's site dirs
+    full_env = {**inherited, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "onediffx", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
         timeout=timeout,
