@@ -198,6 +198,38 @@ def test_several_adapters_match_diffusers_set_adapters(tmp_path):
     np.testing.assert_allclose(image(ours), image(theirs), atol=1e-4)
 
 
+def test_adapters_at_one_coefficient_are_one_matmul_and_match_diffusers(tmp_path, monkeypatch):
+    """Equal ``weight * alpha / rank`` everywhere: fuse concatenates the factors into one addmm."""
+    from onediffx.lora import fuse
+
+    ours, theirs = tiny_sdxl(), tiny_sdxl()
+    targets = lora_targets(ours)
+    names = ["a", "b", "c"]
+    for rank, name in enumerate(names, start=2):  # ranks 2, 3, 4, all with alpha = rank / 2
+        path = save_kohya(random_lora(targets, rank, seed=50 + rank, alpha=lambda key, r: r / 2),
+                          tmp_path / f"{name}.safetensors", sgm_layers_per_block=ours.unet.config.layers_per_block)
+        theirs.load_lora_weights(str(path), adapter_name=name)
+        lora.load_lora_and_optionally_fuse(ours, str(path), name, fuse=False)
+    matmuls, products = [], fuse._products
+
+    def counting(*args):
+        result = products(*args)
+        matmuls.append(len(result))
+        return result
+
+    monkeypatch.setattr(fuse, "_products", counting)
+    theirs.set_adapters(names, [0.8] * 3)
+    theirs.fuse_lora()
+    theirs.unload_lora_weights()
+    lora.set_and_fuse_adapters(ours, names, 0.8)
+
+    assert matmuls and set(matmuls) == {1}
+    expected, got = weights(theirs), weights(ours)
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=5e-6, msg=str(key))
+    np.testing.assert_allclose(image(ours), image(theirs), atol=1e-4)
+
+
 def test_fifty_random_switches_never_drift_and_unfuse_is_bit_exact(tmp_path):
     pipe = tiny_sd()
     originals = weights(pipe)

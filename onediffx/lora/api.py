@@ -48,6 +48,7 @@ def _offload_factors(adapter: _fuse.Adapter, device: torch.device) -> None:
         if target.up.device != device:
             target.up = _fuse._copy_to(target.up, device)
             target.down = _fuse._copy_to(target.down, device)
+            target.float32 = None
 
 
 def load_lora_and_optionally_fuse(

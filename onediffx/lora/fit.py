@@ -7,8 +7,9 @@ much did not fit and gives an example, so a failed load never leaves a half-fuse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -26,10 +27,27 @@ class Target:
 
     param: torch.nn.Parameter
     up: torch.Tensor
-    """(out, rank), float32."""
+    """(out, rank): the file's dtype when it is the weight's, else float32 (see ``factor_dtype``)."""
     down: torch.Tensor
-    """(rank, in * kh * kw), float32."""
+    """(rank, in * kh * kw), same dtype rule as ``up``."""
     scale: float
+    float32: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+    """float32 copies of fp16/bf16 factors, made the first time the float32 path needs them (see fuse)."""
+
+
+def _flat(factor: torch.Tensor, weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A factor as the 2-D matrix ``fuse`` multiplies, on ``device`` in ``factor_dtype`` (views where possible)."""
+    if factor.dim() != 2:  # convolutions: (out, rank, 1, 1) and (rank, in, kh, kw)
+        factor = factor.reshape(factor.shape[0], -1)
+    return factor.to(device, factor_dtype(factor, weight))
+
+
+def factor_dtype(factor: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """Keep factors in the weight's dtype when they already are: ``fuse`` then needs no conversion
+    and can add them with one matmul in that dtype. Anything else becomes float32, which holds every
+    fp16/bf16 value exactly, so no factor is ever rounded to a coarser type.
+    """
+    return factor.dtype if factor.dtype == weight.dtype else torch.float32
 
 
 def unwrap(module: Any) -> Any:
@@ -50,7 +68,7 @@ def lora_components(pipeline: Any) -> Dict[str, torch.nn.Module]:
 def _expected(layer: LoraLayer, weight: torch.Tensor) -> Optional[str]:
     """Why ``layer`` cannot update ``weight``, or None if it can."""
     out, rank = weight.shape[0], layer.rank
-    fan_in = weight[0].numel()
+    fan_in = math.prod(weight.shape[1:])  # not weight[0].numel(): that is a tensor op per layer
     if layer.up.shape[0] != out or layer.up.numel() != out * rank:
         return f"up {tuple(layer.up.shape)} vs weight {tuple(weight.shape)}"
     if layer.down.numel() != rank * fan_in:
@@ -62,23 +80,41 @@ def _expected(layer: LoraLayer, weight: torch.Tensor) -> Optional[str]:
     return None
 
 
+class _ModuleIndex:
+    """Submodules by (component, dotted path), each parent looked up once per ``fit``.
+
+    A LoRA names about a thousand modules that share most of their parents; walking ``_modules``
+    with a cache of the parents seen costs a dict lookup or two per layer, where indexing the whole
+    tree with ``named_modules()`` first visits every module of the UNet and text encoders.
+    """
+
+    def __init__(self, components: Dict[str, torch.nn.Module]) -> None:
+        self._found: Dict[TargetKey, Optional[torch.nn.Module]] = {(c, ""): m for c, m in components.items()}
+
+    def get(self, component: str, path: str) -> Optional[torch.nn.Module]:
+        key = (component, path)
+        if key not in self._found:
+            parent_path, _, leaf = path.rpartition(".")
+            parent = self.get(component, parent_path) if path else None
+            self._found[key] = parent._modules.get(leaf) if isinstance(parent, torch.nn.Module) else None
+        return self._found[key]
+
+
 def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: torch.device
         ) -> Dict[TargetKey, Target]:
     """Match every layer to a pipeline weight; ``LoraMismatchError`` if any does not match."""
-    components = lora_components(pipeline)
-    # One index per component: a dict lookup per layer instead of get_submodule's attribute walk.
-    index = {name: dict(components[name].named_modules()) for name in {c for c, _ in layers} if name in components}
+    index = _ModuleIndex(lora_components(pipeline))
     missing: List[str] = []
     mismatched: List[str] = []
     targets: Dict[TargetKey, Target] = {}
     for (component, path), layer in layers.items():
-        module = index.get(component, {}).get(path)
+        module = index.get(component, path)
         weight = getattr(module, "weight", None)
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not isinstance(weight, torch.nn.Parameter):
             missing.append(f"{component}.{path}")
             continue
         parent, _, leaf = path.rpartition(".")
-        if leaf in _QKV and getattr(index[component].get(parent), "fused_projections", False):
+        if leaf in _QKV and getattr(index.get(component, parent), "fused_projections", False):
             raise LoraMismatchError(
                 f"LoRA {label} changes {component}.{path}, but that attention's QKV projections are fused "
                 f"(compile.fuse_qkv) and it is no longer read; fuse LoRAs before fusing QKV, or unfuse QKV first"
@@ -90,13 +126,8 @@ def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: t
         if why:
             mismatched.append(f"{component}.{path} ({why})")
             continue
-        rank = layer.rank
-        targets[(component, path)] = Target(
-            weight,
-            layer.up.reshape(weight.shape[0], rank).to(device=device, dtype=torch.float32),
-            layer.down.reshape(rank, -1).to(device=device, dtype=torch.float32),
-            layer.scale,
-        )
+        targets[(component, path)] = Target(weight, _flat(layer.up, weight, device), _flat(layer.down, weight, device),
+                                            layer.scale)
     if missing or mismatched:
         parts = []
         if missing:

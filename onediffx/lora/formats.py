@@ -60,6 +60,11 @@ def _component_of(key: str) -> Optional[str]:
 
 
 def _check_supported(state_dict: Dict[str, torch.Tensor], label: str) -> None:
+    # One substring search per marker over all keys at once; the per-key loop below, which names
+    # the first offending key, runs only when some marker occurs at all.
+    keys = "\n".join(state_dict) + "\n"
+    if not any(marker in keys for marker in (*_UNSUPPORTED, "lora_up.bias\n", "lora_B.bias\n")):
+        return
     for key in state_dict:
         for marker, what in _UNSUPPORTED.items():
             if marker in key:

@@ -5,17 +5,30 @@ Fused weights are always computed from the original weights ``W0``:
 to the weight's dtype. Switching adapters therefore never accumulates rounding error, and
 restoring ``W0`` is a copy, so unfusing is bit-exact however often one switched.
 
-The update writes into the parameter's existing storage (``Parameter.copy_``): modules are never
-replaced and the storage never moves, so a compiled graph that reads parameters as inputs sees the
-new weights without recompiling. ``W0`` of each touched weight is kept on the offload device the
-first time it is touched; the parameter's version counter tells whether someone else (for example
-``load_state_dict``) wrote the weight since, in which case that becomes the new ``W0``.
+Where it can, a weight is updated by one matmul in its own dtype, ``addmm`` with ``W0`` as the
+addend: fp16/bf16 matmuls (cuBLAS, and PyTorch's CPU kernels) multiply and accumulate in float32
+and round once when they write, so this is the same arithmetic as the float32 path, one kernel
+instead of four. It needs the factors in the weight's dtype (``fit.factor_dtype``) and one
+coefficient for all terms: several adapters become one matmul over their concatenated factors
+when their ``w_i * scale_i`` agree. Otherwise (fp16/bf16 weights with adapters at different
+weights, float32 factors on fp16 weights, channels_last convolutions) the sum is accumulated in a
+float32 copy and written back. float32 weights always take the first path (one matmul per term
+when the coefficients differ). cuBLAS never splits a sum over K = total rank this small, so the
+float32 accumulation holds on the GPU too. A given set of adapters and weights always takes the
+same path, so it always gives the same bits.
+
+The update writes into the parameter's existing storage: modules are never replaced and the
+storage never moves, so a compiled graph that reads parameters as inputs sees the new weights
+without recompiling. ``W0`` of each touched weight is kept on the offload device the first time it
+is touched, all of one load in a few large copies; the parameter's version counter tells whether
+someone else (for example ``load_state_dict``) wrote the weight since, in which case that becomes
+the new ``W0``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -79,15 +92,72 @@ def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.detach().to(device, copy=True)
 
 
-def _original(state: LoraState, key: TargetKey, param: torch.nn.Parameter, offload: torch.device) -> torch.Tensor:
-    """``W0`` of a weight, backing it up first if onediffx has no valid copy."""
-    changed_elsewhere = state.written.get(key) != param._version or state.params.get(key) is not param
-    if key not in state.originals or changed_elsewhere:
-        state.originals[key] = _copy_to(param.detach(), offload)
+BACKUP_CHUNK = 2**30
+"""Bytes per backup buffer: big enough for few copies, small enough not to need one huge free block."""
+
+
+def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all i (one device), as a few multi-tensor kernels where PyTorch has them."""
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None:
+        foreach_copy(dst, src)
+    else:  # pragma: no cover - torch without _foreach_copy_
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def _needs_backup(state: LoraState, key: TargetKey, param: torch.nn.Parameter) -> bool:
+    """No valid ``W0`` copy: never backed up, or someone else wrote the weight since onediffx did."""
+    return key not in state.originals or state.written.get(key) != param._version or state.params.get(key) is not param
+
+
+def _back_up(state: LoraState, params: Dict[TargetKey, torch.nn.Parameter], offload_device: str) -> None:
+    """Keep ``W0`` of these weights on the offload device; the weights then equal their ``W0``.
+
+    On the weight's own device the copies are views of a few large buffers filled by multi-tensor
+    copies: a load touches about a thousand weights, and one allocation and kernel launch per weight
+    costs more than the copying. Copies to the CPU (pinned, so asynchronous) stay one per weight:
+    pinned buffers are rounded up to a power of two, which would waste up to half of a large one.
+    """
+    offloads: Dict[torch.device, torch.device] = {}
+    groups: Dict[Tuple[torch.device, torch.dtype], List[TargetKey]] = {}
+    for key, param in params.items():
+        if param.device not in offloads:
+            offloads[param.device] = resolve_offload(offload_device, param)
+        if offloads[param.device] == param.device:
+            groups.setdefault((param.device, param.dtype), []).append(key)
+        else:
+            state.originals[key] = _copy_to(param.detach(), offloads[param.device])
+    for (device, dtype), keys in groups.items():
+        for chunk in _chunks(keys, params, BACKUP_CHUNK // dtype.itemsize):
+            flat = torch.empty(sum(params[k].numel() for k in chunk), dtype=dtype, device=device)
+            views, start = [], 0
+            for key in chunk:
+                n = params[key].numel()
+                views.append(flat[start:start + n].view(params[key].shape))
+                start += n
+            _copy_all(views, [params[k] for k in chunk])
+            state.originals.update(zip(chunk, views))
+    for key, param in params.items():
         state.params[key] = param
         state.written[key] = param._version
         state.fused.discard(key)
-    return state.originals[key]
+
+
+def _chunks(keys: List[TargetKey], params: Dict[TargetKey, torch.nn.Parameter], limit: int
+            ) -> Iterable[List[TargetKey]]:
+    """``keys`` in runs of at most ``limit`` elements (a bigger weight gets a run of its own)."""
+    run: List[TargetKey] = []
+    size = 0
+    for key in keys:
+        n = params[key].numel()
+        if run and size + n > limit:
+            yield run
+            run, size = [], 0
+        run.append(key)
+        size += n
+    if run:
+        yield run
 
 
 def fuse(state: LoraState, weights: Dict[str, float], offload_device: str = "cpu") -> int:
@@ -108,57 +178,105 @@ def fuse(state: LoraState, weights: Dict[str, float], offload_device: str = "cpu
             for key, target in adapter.targets.items():
                 if key in dirty:
                     plan.setdefault(key, []).append((target, weights[name] * target.scale))
-    offloads: Dict[torch.device, torch.device] = {}
     with torch.no_grad():
-        for key in [k for k in dirty if k in state.fused and k not in plan]:
-            _restore(state, key)
+        _restore_all(state, [k for k in dirty if k in state.fused and k not in plan])
+        params = {key: terms[0][0].param for key, terms in plan.items()}
+        _back_up(state, {k: p for k, p in params.items() if _needs_backup(state, k, p)}, offload_device)
         for key, terms in plan.items():
-            param = terms[0][0].param
-            device = param.device
-            if device not in offloads:
-                offloads[device] = resolve_offload(offload_device, param)
-            w0 = _original(state, key, param, offloads[device])
-            _write(param, w0, terms)
+            param = params[key]
+            # Not fused now (just backed up, restored, or never fused): the weight equals W0 already.
+            _write(param, None if key not in state.fused else state.originals[key], terms)
             state.written[key] = param._version
             state.fused.add(key)
     state.active = {n: weights[n] for n in state.adapters if n in weights}
     return len(plan)
 
 
-def _write(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> None:
-    """``param = round(W0 + sum(coef * up @ down))`` with the sum in float32, into param's storage."""
+def _write(param: torch.nn.Parameter, w0: Optional[torch.Tensor], terms: list) -> None:
+    """``param = round(W0 + sum(coef * up @ down))`` with the sum in float32, into param's storage.
+
+    ``w0`` is None when ``param`` holds ``W0`` now: the matmul then adds straight into it.
+    """
+    dtype = param.dtype
+    coefs = {coef for _, coef in terms}
+    if (param.is_contiguous() and all(t.up.dtype == dtype and t.down.dtype == dtype for t, _ in terms)
+            and (dtype == torch.float32 or len(coefs) == 1)):
+        _write_native(param, w0, _products(terms, param.device, len(coefs) == 1))
+    else:
+        _write_float32(param, param if w0 is None else w0, terms)
+
+
+def _products(terms: list, device: torch.device, one_coef: bool) -> List[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """(up, down, coef) per matmul: all terms concatenated into one when they share a coefficient."""
+    products = [(t.up.to(device, non_blocking=True), t.down.to(device, non_blocking=True), c) for t, c in terms]
+    if one_coef and len(products) > 1:  # [up_1 .. up_k] @ [down_1; ..; down_k] = sum_i up_i @ down_i
+        ups, downs, coefs = zip(*products)
+        return [(torch.cat(ups, 1), torch.cat(downs), coefs[0])]
+    return products
+
+
+def _write_native(param: torch.nn.Parameter, w0: Optional[torch.Tensor],
+                  products: List[Tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    """``addmm`` in the weight's dtype, straight into the weight (see the module docstring)."""
+    out = param.view(param.shape[0], -1)
+    for i, (up, down, coef) in enumerate(products):
+        if i == 0 and w0 is not None:  # copies W0 into out, then the very matmul addmm_ would do
+            torch.addmm(w0.to(param.device, non_blocking=True).view(out.shape), up, down, alpha=coef, out=out)
+        else:
+            out.addmm_(up, down, alpha=coef)
+
+
+def _float32_factors(target: Target, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``target``'s factors in float32 on ``device``; fp16/bf16 factors kept there are converted once."""
+    if target.float32 is not None and target.float32[0].device == device:
+        return target.float32
+    up = target.up.to(device, torch.float32, non_blocking=True)
+    down = target.down.to(device, torch.float32, non_blocking=True)
+    if target.up.device == device and target.up.dtype != torch.float32:
+        target.float32 = (up, down)
+    return up, down
+
+
+def _write_float32(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> None:
+    """The general path: ``W0`` in float32 (reshape: channels_last conv weights are not contiguous)."""
     device, rows = param.device, param.shape[0]
-    if (len(terms) == 1 and param.dtype == torch.float32 and w0.device == device and param.is_contiguous()
-            and w0.is_contiguous()):  # float32 already: one kernel, straight into the weight
-        target, coef = terms[0]
-        torch.addmm(w0.view(rows, -1), target.up.to(device), target.down.to(device), alpha=coef,
-                    out=param.view(rows, -1))
-        return
-    # reshape, not view: channels_last conv weights are not contiguous
-    acc = w0.to(device=device, dtype=torch.float32, non_blocking=True, copy=True).reshape(rows, -1)
+    acc = w0.to(device=device, dtype=torch.float32, non_blocking=True, copy=True,
+                memory_format=torch.contiguous_format).view(rows, -1)
     for target, coef in terms:
-        acc.addmm_(target.up.to(device), target.down.to(device), alpha=coef)
+        acc.addmm_(*_float32_factors(target, device), alpha=coef)
     param.copy_(acc.view(param.shape))
 
 
-def _restore(state: LoraState, key: TargetKey) -> None:
-    param = state.params[key]
-    if state.written.get(key) == param._version:  # untouched by others since we wrote it
-        param.copy_(state.originals[key], non_blocking=True)
-        state.written[key] = param._version
-    state.fused.discard(key)
+def _restore_all(state: LoraState, keys: List[TargetKey]) -> None:
+    """Copy ``W0`` back into these weights, unless someone else wrote one since onediffx did."""
+    by_device: Dict[torch.device, List[TargetKey]] = {}
+    for key in keys:
+        param, w0 = state.params[key], state.originals[key]
+        if state.written.get(key) != param._version:
+            continue  # the weight's new value is someone else's: leave it
+        if w0.device == param.device:  # multi-tensor copies need all tensors on one device
+            by_device.setdefault(param.device, []).append(key)
+        else:
+            param.copy_(w0, non_blocking=True)
+            state.written[key] = param._version
+    for group in by_device.values():
+        _copy_all([state.params[k] for k in group], [state.originals[k] for k in group])
+        state.written.update((k, state.params[k]._version) for k in group)
+    state.fused.difference_update(keys)
 
 
 def unfuse(state: LoraState) -> None:
     """Put ``W0`` back into every fused weight (bit-exact: a copy, not a subtraction)."""
     with torch.no_grad():
-        for key in list(state.fused):
-            _restore(state, key)
+        _restore_all(state, list(state.fused))
     state.active = {}
 
 
 def forget_originals(state: LoraState, keys: Optional[Iterable[TargetKey]] = None) -> None:
-    """Drop ``W0`` copies of weights that are not fused (all of them when ``keys`` is None)."""
+    """Drop ``W0`` copies of weights that are not fused (all of them when ``keys`` is None).
+
+    Copies made together share a buffer, which is freed when the last of them is dropped.
+    """
     for key in list(state.originals if keys is None else keys):
         if key not in state.fused:
             state.originals.pop(key, None)

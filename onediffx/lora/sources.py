@@ -9,11 +9,13 @@ Pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) are refused, because loading o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -125,21 +127,140 @@ def _check_not_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save writes a zip (PK..); plain pickles start with the PROTO opcode 0x80.
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        head = f.read(9)
+    # torch.save writes a zip (PK..); plain pickles start with the PROTO opcode 0x80. A safetensors
+    # file starts with its header's length, whose first byte can be anything (0x80 for one header
+    # size in 256), and then the header's "{": that settles it.
+    if (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80") and head[8:9] != b"{":
         refuse_pickle(path)
 
 
-def _read_safetensors(path: Path, device: torch.device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    from safetensors import safe_open
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER = 100 * 2**20
+"""The safetensors library's own limit on the JSON header."""
+CHUNK = 16 * 2**20
+"""Bytes per staging copy to a GPU: two pinned buffers this size are reused, one filling while one copies."""
 
+
+@dataclass
+class _Entry:
+    """One tensor of a safetensors header: where its bytes lie in the data section."""
+
+    key: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def on_host(self) -> bool:
+        """Scalars (kohya's ``.alpha``) stay on the CPU: ``.item()`` of a GPU tensor waits for the GPU."""
+        return math.prod(self.shape) == 1
+
+
+class _Unreadable(Exception):
+    """A header that breaks the safetensors format; its message is the reason shown to the user."""
+
+
+def _parse_header(raw: bytes, data_size: int) -> Tuple[List[_Entry], Dict[str, str]]:
+    """The tensors (by offset) and ``__metadata__`` of a header, checked so no view can leave the file."""
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise _Unreadable("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _Unreadable("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Unreadable("__metadata__ is not a map of strings")
+    entries = []
+    for key, info in header.items():
+        try:
+            dtype, shape, (begin, end) = _DTYPES.get(info["dtype"]), tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _Unreadable(f"bad header entry for {key!r}") from None
+        if dtype is None:
+            raise _Unreadable(f"{key!r} has unsupported dtype {info['dtype']!r}")
+        numbers = (*shape, begin, end)
+        if set(map(type, numbers)) != {int} or min(numbers) < 0:  # no bools, floats or negatives
+            raise _Unreadable(f"bad shape or offsets for {key!r}")
+        if end - begin != math.prod(shape) * dtype.itemsize or begin > end:
+            raise _Unreadable(f"{key!r} has {end - begin} bytes for shape {list(shape)}")
+        if end > data_size:
+            raise _Unreadable(f"{key!r} ends at byte {end} of a {data_size}-byte data section")
+        entries.append(_Entry(key, dtype, shape, begin, end))
+    return entries, metadata
+
+
+def _fill(f: Any, buffer: torch.Tensor) -> None:
+    """Read exactly ``buffer.numel()`` bytes from ``f`` into a CPU uint8 tensor."""
+    view = memoryview(buffer.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise _Unreadable("file ends inside the data")
+        done += n
+
+
+def _stage_to_gpu(f: Any, data: torch.Tensor, host: List[_Entry]) -> Dict[str, torch.Tensor]:
+    """Fill the GPU buffer ``data`` from ``f`` through two reused pinned buffers; return ``host`` entries.
+
+    One copy per chunk replaces one synchronous copy per tensor (a LoRA has thousands), and reading
+    the next chunk overlaps copying this one. Host entries are cut out of the pinned chunk they are in.
+    """
+    stream = torch.cuda.current_stream(data.device)
+    size = data.numel()
+    slots = [torch.empty(min(CHUNK, size), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    copied: List[Optional[torch.cuda.Event]] = [None, None]
+    found: Dict[str, torch.Tensor] = {}
+    pending = sorted(host, key=lambda e: e.begin)
+    for i, start in enumerate(range(0, size, CHUNK)):
+        n, slot = min(CHUNK, size - start), slots[i % 2]
+        if copied[i % 2] is not None:
+            copied[i % 2].synchronize()  # this pinned buffer's last copy is done: safe to overwrite
+        _fill(f, slot[:n])
+        while pending and pending[0].begin < start + n:
+            entry = pending.pop(0)
+            if entry.end <= start + n:  # else it straddles two chunks (misaligned): a view of ``data``
+                found[entry.key] = _tensor(slot[entry.begin - start:entry.end - start].clone(), {}, entry, 0)
+        data[start:start + n].copy_(slot[:n], non_blocking=True)
+        copied[i % 2] = stream.record_event()
+    return found
+
+
+def _tensor(data: torch.Tensor, typed: Dict[torch.dtype, torch.Tensor], entry: _Entry, begin: int) -> torch.Tensor:
+    """``entry`` as a view of the uint8 buffer ``data``, whose byte ``begin`` is the entry's first byte.
+
+    ``typed`` caches ``data`` viewed as each dtype, so an aligned entry costs a single ``as_strided``.
+    """
+    size = entry.dtype.itemsize
+    if begin % size or data.numel() % size:  # misaligned (no safetensors writer does this): copy it
+        return data[begin:begin + entry.end - entry.begin].clone().view(entry.dtype).view(entry.shape)
+    if entry.dtype not in typed:
+        typed[entry.dtype] = data.view(entry.dtype)
+    strides = [1] * len(entry.shape)
+    for d in range(len(entry.shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * entry.shape[d + 1]
+    return typed[entry.dtype].as_strided(entry.shape, strides, begin // size)
+
+
+def _read_safetensors(path: Path, device: torch.device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """All tensors of a safetensors file, read in one pass into one buffer on ``device``.
+
+    safetensors' ``load_file`` copies each tensor to the GPU on its own, a synchronous copy of a few
+    microseconds each; here the file goes over in a few large copies and each tensor is a view.
+    Scalars stay on the CPU (see ``_Entry.on_host``).
+    """
     _check_not_pickle(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = dict(f.metadata() or {})
-            state_dict = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # SafetensorError, OSError, header JSON errors: all "unreadable file"
+        with open(path, "rb", buffering=0) as f:
+            state_dict, metadata = _read_open(f, os.fstat(f.fileno()).st_size, device)
+    except (_Unreadable, OSError) as e:
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise LoraFormatError(
             f"LoRA file {path} is not a readable safetensors file ({reason}); "
@@ -148,6 +269,36 @@ def _read_safetensors(path: Path, device: torch.device) -> Tuple[Dict[str, torch
     if not state_dict:
         raise LoraFormatError(f"LoRA file {path} holds no tensors")
     return state_dict, metadata
+
+
+def _read_open(f: Any, file_size: int, device: torch.device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    head = f.read(8)
+    if len(head) < 8:
+        raise _Unreadable("shorter than a header")
+    (length,) = struct.unpack("<Q", head)
+    if length > min(MAX_HEADER, file_size - 8):
+        raise _Unreadable(f"header length {length} does not fit the {file_size}-byte file")
+    raw = f.read(length)
+    if len(raw) < length:
+        raise _Unreadable("file ends inside the header")
+    entries, metadata = _parse_header(raw, file_size - 8 - length)
+    if not entries:
+        return {}, metadata
+    size = max(e.end for e in entries)
+    # Padded to 8 bytes so the buffer can be viewed as any dtype; the padding is never read.
+    padded = (size + 7) // 8 * 8
+    host: Dict[str, torch.Tensor] = {}
+    if device.type == "cuda":
+        data = torch.empty(padded, dtype=torch.uint8, device=device)
+        host = _stage_to_gpu(f, data[:size], [e for e in entries if e.on_host])
+    else:
+        data = torch.empty(padded, dtype=torch.uint8)
+        _fill(f, data[:size])
+        if device.type != "cpu":
+            host = {e.key: _tensor(data, {}, e, e.begin).clone() for e in entries if e.on_host}
+            data = data.to(device)
+    typed: Dict[torch.dtype, torch.Tensor] = {}
+    return {e.key: host[e.key] if e.key in host else _tensor(data, typed, e, e.begin) for e in entries}, metadata
 
 
 def _peft_config_beside(path: Path) -> Optional[Dict[str, Any]]:
@@ -172,7 +323,8 @@ def read_lora(source: Source, device: torch.device, *, weight_name: Optional[str
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise LoraFormatError(f"LoRA <state dict>: value of {bad[0]!r} is not a tensor")
-        return RawLora({k: v.to(device) for k, v in source.items()}, "<state dict>")
+        # Scalars (alphas) stay where they are: see _Entry.on_host.
+        return RawLora({k: v if v.numel() == 1 else v.to(device) for k, v in source.items()}, "<state dict>")
     path = resolve_file(source, weight_name, subfolder=subfolder, cache_dir=cache_dir, revision=revision)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(device))
