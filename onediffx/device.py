@@ -49,3 +49,9 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def empty_cache(device: torch.device) -> None:
+    """Return cached blocks to the driver, so the next peak-memory reading starts from what is live."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

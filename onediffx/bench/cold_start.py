@@ -49,6 +49,7 @@ def _onediffx(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str
         "scenario": "cold_start", "method": label, "load_s": round(stages["load"]["seconds"], 2),
         "first_image_s": round(after_load + metrics["seconds_per_call"][0], 2),
         "graph_cache": metrics["startup"]["graph_cache"], "graphs_compiled": metrics["compile_counters"]["graphs_compiled"],
+        "compile_s": {k: round(sum(v), 1) for k, v in metrics["compile_counters"].get("compile_seconds", {}).items()},
         "stages_s": {n: round(f.get("seconds", 0.0), 2) for n, f in stages.items() if f.get("enabled", True)},
     }
 

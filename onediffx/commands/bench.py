@@ -12,10 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..device import device_name, resolve_device, resolve_dtype
+from ..device import device_name, empty_cache, resolve_device, resolve_dtype
 from ..errors import ConfigError
 from ..generate import Settings
 from ..metrics import versions
@@ -36,7 +35,7 @@ def _fresh(cfg: DictConfig) -> Assembly:
 def _steady(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     from ..bench.steady import run_steady
 
-    return run_steady(_fresh(cfg), cfg)
+    return run_steady(_fresh(cfg), cfg, fresh=lambda: _fresh(cfg))
 
 
 def _cold_start(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
@@ -95,7 +94,6 @@ def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             rows.append({"scenario": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
         write_report(out_dir, header, rows)  # after each scenario, so a timeout keeps what was measured
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device)
     print(write_report(out_dir, header, rows), flush=True)
     return {"rows": rows}
