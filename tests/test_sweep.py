@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from conftest import job_dirs, run_cli
 from onediffx.errors import ConfigError
 from onediffx.sweep.callback import SweepSummary
-from onediffx.sweep.gpus import concurrent_jobs, gpu_count
+from onediffx.sweep.gpus import concurrent_jobs, gpu_count, lease
 from onediffx.sweep.summary import JobRow, choose_baseline
 
 
@@ -123,3 +125,25 @@ def test_gpu_pinning_follows_launcher_concurrency():
     assert gpu_count(3, concurrent=1, visible=4) == 3
     with pytest.raises(ConfigError, match="sweep.gpus: 4 GPUs asked for but 2 visible"):
         gpu_count(4, concurrent=4, visible=2)
+
+
+def test_gpu_leases_go_to_free_gpus_and_come_back(tmp_path):
+    folder = tmp_path / ".gpu-leases"
+    with lease(folder, [0, 1]) as first:
+        with lease(folder, [0, 1]) as second:  # job 2 asks for GPU 0 first; it is taken
+            assert (first, second) == (0, 1)
+        with lease(folder, [1, 0]) as third:  # GPU 1 was given back
+            assert third == 1
+    done = []
+
+    def waiter():
+        with lease(folder, [0], poll_s=0.01) as index:
+            done.append(index)
+
+    with lease(folder, [0]):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.2)
+        assert not done  # every GPU taken: the job waits rather than share one
+    thread.join(timeout=5)
+    assert done == [0]

@@ -73,10 +73,14 @@ def print_startup(cfg: DictConfig, asm: Assembly, first_image_s: Optional[float]
 
 
 def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Run one job and return what was written to ``metrics.json``."""
-    pinned = job_device(cfg)
-    if pinned is not None:
-        cfg.device = pinned
+    """Run one job (on the GPU it leases, in a multi-GPU sweep) and return its ``metrics.json``."""
+    with job_device(cfg) as pinned:
+        if pinned is not None:
+            cfg.device = pinned
+        return _run_job(cfg, out_dir)
+
+
+def _run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.prompts:
         from ..batch import run_batch
 
