@@ -94,6 +94,37 @@ def test_new_weights_reach_the_graph_without_recompiling(compiled):
         unet.load_state_dict(original)
 
 
+def test_dispatch_tells_apart_calls_that_saved_guards_no_longer_check(compiled, caplog):
+    """Saved graphs keep no guards on the module or on non-tensor arguments: the dispatch key must.
+
+    A call differing only in ``return_dict``, or made after the weights changed memory format, must
+    not be served by the graph prepared for the pipeline's call (here it runs eager, as configured).
+    """
+    pipe, handle = compiled["pipe"], _unet(compiled)
+    captured = {}
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a, k: captured.setdefault("call", (a, k)), with_kwargs=True)
+    try:
+        _image(pipe, 64)
+    finally:
+        hook.remove()
+    args, kwargs = captured["call"]
+    compiles, on_miss = handle.compiles, handle.on_miss
+    handle.on_miss = "eager"
+    try:
+        with torch.no_grad(), caplog.at_level(logging.WARNING):
+            prepared = pipe.unet(*args, **kwargs)[0]
+            as_dataclass = pipe.unet(*args, **{**kwargs, "return_dict": True})
+            pipe.unet.to(memory_format=torch.contiguous_format)
+            other_layout = pipe.unet(*args, **kwargs)[0]
+    finally:
+        pipe.unet.to(memory_format=torch.channels_last)
+        handle.on_miss = on_miss
+    assert type(as_dataclass).__name__ == "UNet2DConditionOutput"
+    assert torch.allclose(as_dataclass.sample, prepared, atol=1e-4)
+    assert torch.allclose(other_layout, prepared, atol=1e-4)
+    assert handle.compiles == compiles and "was not prepared; running eager" in caplog.text
+
+
 def test_restart_loads_graphs_and_compiles_nothing(compiled, tmp_path):
     """A fresh process (the real CLI) hits the cache, compiles nothing, and gives the same image."""
     proc = run_cli("run", "compile=inductor", "compile.components=[unet]", f"cache.dir={compiled['cache_dir']}",
