@@ -236,17 +236,15 @@ def _stage_to_gpu(f: Any, data: torch.Tensor, host: List[_Entry]) -> Dict[str, t
 def _tensor(data: torch.Tensor, typed: Dict[torch.dtype, torch.Tensor], entry: _Entry, begin: int) -> torch.Tensor:
     """``entry`` as a view of the uint8 buffer ``data``, whose byte ``begin`` is the entry's first byte.
 
-    ``typed`` caches ``data`` viewed as each dtype, so an aligned entry costs a single ``as_strided``.
+    ``typed`` caches ``data`` viewed as each dtype, so an aligned entry costs one slice and one view.
     """
     size = entry.dtype.itemsize
     if begin % size or data.numel() % size:  # misaligned (no safetensors writer does this): copy it
         return data[begin:begin + entry.end - entry.begin].clone().view(entry.dtype).view(entry.shape)
     if entry.dtype not in typed:
         typed[entry.dtype] = data.view(entry.dtype)
-    strides = [1] * len(entry.shape)
-    for d in range(len(entry.shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * entry.shape[d + 1]
-    return typed[entry.dtype].as_strided(entry.shape, strides, begin // size)
+    start = begin // size
+    return typed[entry.dtype][start:start + (entry.end - entry.begin) // size].view(entry.shape)
 
 
 def _read_safetensors(path: Path, device: torch.device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
