@@ -67,3 +67,35 @@ def test_compiled_close_to_eager(runs):
 def test_full_and_shallow_pass_compile_once(runs):
     assert runs["after_first"] == 2  # the full pass and the shallow pass
     assert runs["after_all"] == 2, f"recompiled: {dict(runs['recompiles'])}"
+
+
+@pytest.fixture(scope="module")
+def pass_graph_runs(runs):
+    """The passes as ``cuda_graphs`` sets them up: each compiled explicitly inside a graph wrapper.
+
+    On the CPU the wrapper runs them uncaptured; what this checks is that the explicitly compiled
+    passes still compile once each, under a dispatcher and a wrapper that Dynamo skips, also when
+    DeepCache was already set up before the UNet was marked.
+    """
+    from onediffx.compile.cuda_graphs import mark_passes
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = deep_cache_pipe()
+        generate(pipe, 2, **CACHE)  # DeepCache set up before compiling, as the bench does
+        torch._dynamo.reset()
+        counters.clear()
+        mark_passes(pipe.unet, {"backend": "inductor"})
+        first = generate(pipe, 4, **CACHE)
+        second = generate(pipe, 5, **CACHE)
+        yield dict(first=first, second=second, graphs=graphs(), recompiles=counters["recompiles"].copy())
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+
+
+def test_explicitly_compiled_passes_compile_once_and_match_eager(runs, pass_graph_runs):
+    np.testing.assert_allclose(pass_graph_runs["first"], runs["expected"][4], atol=2e-3, rtol=0)
+    np.testing.assert_allclose(pass_graph_runs["second"], runs["expected"][5], atol=2e-3, rtol=0)
+    assert pass_graph_runs["graphs"] == 2, f"recompiled: {dict(pass_graph_runs['recompiles'])}"

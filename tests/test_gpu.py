@@ -1,7 +1,8 @@
 """GPU checks (``pytest -m gpu`` on the GPU machine; skipped without CUDA).
 
 The CPU suite covers the logic; these check what only CUDA exercises: fp16 weights with the bf16
-VAE of the ``inductor`` preset, Triton kernels in saved graphs, and a restart on the same card.
+VAE of the ``inductor`` preset, Triton kernels in saved graphs, a restart on the same card, and
+CUDA graphs (``compile.cuda_graphs``) against the uncaptured compiled forward they replay.
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import onediffx.lora as lora
 from conftest import run_cli
+from onediffx.compile import compile_options, compile_pipe
+from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
+from onediffx.models.tiny import tiny_sdxl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -37,3 +43,80 @@ def test_compiled_fp16_run_restarts_from_the_graph_cache_on_cuda(tmp_path):
     assert warm_m["compile_counters"]["dynamo_graphs"] == 0
     assert np.abs(warm_img - cold_img).max() <= 1
     assert peak_signal_noise_ratio(reference, cold_img, data_range=255) > 30  # bf16 VAE, compiled kernels
+
+
+def _generate(pipe, size=64, **kwargs):
+    generator = torch.Generator("cuda").manual_seed(0)
+    return pipe(prompt="a red cube", num_inference_steps=4, height=size, width=size, generator=generator,
+                output_type="np", **kwargs).images
+
+
+def _uncaptured(pipe, fn):
+    """``fn(pipe)`` with each graphed component calling the forward its graphs replay."""
+    graphed = pipe._onediffx_compile.graphed
+    modules = {"unet": pipe.unet, "vae.decoder": pipe.vae.decoder, "text_encoder": pipe.text_encoder,
+               "text_encoder_2": pipe.text_encoder_2}
+    saved = {path: modules[path].forward for path in graphed}
+    for path, graphed in graphed.items():
+        modules[path].forward = graphed.fn
+    try:
+        return fn(pipe)
+    finally:
+        for path, forward in saved.items():
+            modules[path].forward = forward
+
+
+def test_cuda_graphs_replay_the_compiled_forward_and_see_lora_fusing(tmp_path):
+    torch._dynamo.reset()
+    pipe = tiny_sdxl().to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=True))
+    graphed = pipe._onediffx_compile.graphed
+    assert set(graphed) == {"unet", "vae.decoder", "text_encoder", "text_encoder_2"}
+    first, replayed = _generate(pipe), _generate(pipe)
+    captures = {path: g.captures for path, g in graphed.items()}
+    assert captures == {"unet": 1, "vae.decoder": 1, "text_encoder": 1, "text_encoder_2": 1}
+    np.testing.assert_array_equal(first, replayed)
+    np.testing.assert_array_equal(replayed, _uncaptured(pipe, _generate))  # the same kernels, launched one by one
+
+    path = save_kohya(random_lora(lora_targets(pipe), 4, seed=5), tmp_path / "l.safetensors", dtype=torch.float16)
+    lora.load_and_fuse_lora(pipe, str(path), "l", lora_scale=1.0)
+    fused = _generate(pipe)
+    assert np.abs(fused - replayed).max() > 1e-3  # the fused weights reached the captured graph
+    np.testing.assert_array_equal(fused, _uncaptured(pipe, _generate))
+    lora.unfuse_lora(pipe)
+    np.testing.assert_array_equal(_generate(pipe), replayed)
+    assert {path: g.captures for path, g in graphed.items()} == captures  # no capture for new weights
+
+
+def test_cuda_graphs_switch_resolutions_without_growing_memory():
+    torch._dynamo.reset()
+    pipe = tiny_sdxl().to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=True))
+    reference = {size: _generate(pipe, size) for size in (64, 96)}
+    reserved = torch.cuda.memory_reserved()
+    for _ in range(3):
+        for size in (64, 96):
+            np.testing.assert_array_equal(_generate(pipe, size), reference[size])
+    assert torch.cuda.memory_reserved() == reserved
+    assert pipe._onediffx_compile.graphed["unet"].captures == 2
+
+
+def test_deep_cache_passes_in_cuda_graphs_match_the_uncaptured_passes():
+    from onediffx.deep_cache import StableDiffusionXLPipeline
+    from onediffx.deep_cache.hook import DeepCache
+
+    cache = dict(cache_interval=2, cache_layer_id=0, cache_block_id=1)
+    images = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        pipe = StableDiffusionXLPipeline(**tiny_sdxl().components).to("cuda", torch.float16)
+        pipe.set_progress_bar_config(disable=True)
+        compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=graphs))
+        images[graphs] = [_generate(pipe, **cache) for _ in range(2)]
+        if graphs:
+            state = DeepCache.of(pipe.unet)
+            assert state.full_pass.captures == 1 and state.shallow_pass.captures == 1
+    np.testing.assert_array_equal(images[True][0], images[True][1])
+    np.testing.assert_allclose(images[True][1], images[False][1], atol=2e-2, rtol=0)

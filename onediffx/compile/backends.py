@@ -28,21 +28,25 @@ def inductor_options(options: Any) -> dict[str, Any]:
         opts.update(torch._inductor.list_mode_options(options.mode))
     if options.max_autotune:
         opts["max_autotune"] = True
-    if not options.cuda_graphs:
-        opts["triton.cudagraphs"] = False
     opts.update(dict(options.inductor or {}))
     return opts
+
+
+def compile_kwargs(options: Any) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments for Inductor with these options (``fullgraph`` apart)."""
+    return dict(backend="inductor", dynamic=options.dynamic, options=inductor_options(options))
 
 
 def aot_capable(module: nn.Module, options: Any) -> bool:
     """Whether the module can be compiled into saveable graphs (else Dynamo's usual path is used).
 
-    Regional compilation and CUDA graphs have no saveable form here; DeepCache's step dispatcher
-    replaces ``forward`` with Python control flow that must stay outside the graph.
+    Regional compilation and Inductor's own CUDA graphs (``mode=reduce-overhead``) have no
+    saveable form here; DeepCache's step dispatcher replaces ``forward`` with Python control flow
+    that must stay outside the graph. (onediffx's ``cuda_graphs`` wrap saveable graphs instead.)
     """
     from diffusers.models.modeling_utils import ModelMixin
 
-    if options.regional or options.cuda_graphs or options.graph != "aot":
+    if options.regional or inductor_options(options).get("triton.cudagraphs") or options.graph != "aot":
         return False
     if "_onediffx_deep_cache" in module.__dict__ or "forward" in module.__dict__:
         return False
@@ -52,7 +56,7 @@ def aot_capable(module: nn.Module, options: Any) -> bool:
 @register_backend("inductor")
 def inductor(module: nn.Module, name: str, options: Any, on_miss: str = "compile") -> Optional[CompiledForward]:
     """PyTorch Inductor via torch.compile; saveable ahead-of-time graphs where possible."""
-    kwargs = dict(backend="inductor", dynamic=options.dynamic, options=inductor_options(options))
+    kwargs = compile_kwargs(options)
     if aot_capable(module, options):
         compiled = CompiledForward(module, kwargs, on_miss=on_miss, name=name)
         module.forward = compiled

@@ -37,13 +37,14 @@ def portable_guards(entries: Sequence) -> list[bool]:
             for entry in entries]
 
 
-def _describe(value: Any) -> Any:
+def describe(value: Any) -> Any:
+    """A hashable summary of a call's arguments: tensor metadata, other values as they are."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
     if isinstance(value, dict):
-        return ("dict", tuple((k, _describe(v)) for k, v in value.items()))
+        return ("dict", tuple((k, describe(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_describe(v) for v in value))
+        return (type(value).__name__, tuple(describe(v) for v in value))
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return ("object", type(value).__qualname__)
@@ -58,4 +59,4 @@ def dispatch_key(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
     """
     param = next(module.parameters(), None)
     owner = None if param is None else (param.dtype, param.device, tuple(param.stride()))
-    return (owner, module.training, _describe(args), _describe(kwargs))
+    return (owner, module.training, describe(args), describe(kwargs))

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..config.schema import CompileConfig
 from ..graph_cache import GraphCache, config_digest, environment_key
 from ..registry import get_backend
-from .backends import resolve_backend
+from .backends import compile_kwargs, resolve_backend
+from .cuda_graphs import GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 
 log = logging.getLogger("onediffx.compile")
@@ -38,6 +39,8 @@ class CompileState:
     """Components compiled into saveable graphs, by attribute path."""
     dynamo: list[str] = field(default_factory=list)
     """Components compiled by Dynamo's usual path (saved as Inductor cache artifacts)."""
+    graphed: dict[str, GraphedForward] = field(default_factory=dict)
+    """Components whose forward replays CUDA graphs (``cuda_graphs``), by attribute path."""
 
 
 def compile_options(preset: str = "inductor", **overrides: Any) -> CompileConfig:
@@ -126,7 +129,30 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
             handle.on_release = lambda h, path=path: _released(state, path)
         else:
             state.dynamo.append(path)
+        if options.cuda_graphs and device.type == "cuda" and backend == "inductor":
+            _add_cuda_graphs(state, module, path, opts, handle)
+    if options.cuda_graphs and device.type == "cuda" and not options.text_encoders:
+        # Uncompiled text encoders are nothing but kernel launches at 77 tokens: graph them eager.
+        for path in TEXT_ENCODERS:
+            module = _find(pipe, path)
+            if module is not None:
+                state.graphed[path] = graph_module(module, path)
     return pipe
+
+
+def _add_cuda_graphs(state: CompileState, module: torch.nn.Module, path: str, options: CompileConfig,
+                     handle: Optional[CompiledForward]) -> None:
+    """CUDA graphs over a component's forward, where its forward is ours to wrap.
+
+    Ahead-of-time and regional forwards are plain Python over compiled code, so a graph can
+    capture them whole. A module compiled by ``module.compile()`` is entered through Dynamo,
+    which a graph wrapper would bypass; there only DeepCache's passes (compiled explicitly) are
+    captured, and Inductor's own ``mode=reduce-overhead`` remains for the rest.
+    """
+    mark_passes(module, compile_kwargs(options))
+    if handle is not None or (options.regional and getattr(module, "_repeated_blocks", None)):
+        graphed = state.graphed[path] = graph_module(module, path)
+        graphed.on_release = lambda: state.graphed.pop(path, None)
 
 
 def _released(state: CompileState, path: str) -> None:

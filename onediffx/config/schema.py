@@ -61,6 +61,8 @@ class CompileConfig:
     fuse_qkv: bool = False
     max_autotune: bool = False
     cuda_graphs: bool = False
+    """On CUDA, replay each compiled forward (and each DeepCache pass, and the eager text encoders)
+    as one CUDA graph per input shape: no per-kernel launch cost. Parameters are read in place."""
     components: List[str] = field(default_factory=lambda: ["unet", "transformer", "controlnet", "vae.decoder"])
     text_encoders: bool = False
     graph: str = "aot"

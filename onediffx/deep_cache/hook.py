@@ -121,12 +121,34 @@ class DeepCache:
             self._own_forward = self.unet.__dict__.get("forward")
             self._inner_forward = self.unet.forward
             self.unet.forward = self._dispatch
+        for graphs in (self.__dict__.get("full_pass"), self.__dict__.get("shallow_pass")):
+            if graphs is not None:
+                graphs.reset()  # captured with the old hook layout
         self.skip_index = skip_index
 
     def start(self, schedule: Schedule, num_steps: Optional[Callable[[], Optional[int]]] = None) -> None:
         """Arm for one pipeline call: step 0 will be a full step, whatever the last call left."""
+        self._graph_passes()
         self.schedule, self.num_steps = schedule, num_steps
         self.step, self.features, self._full = 0, None, None
+
+    def _graph_passes(self) -> None:
+        """Capture each pass in CUDA graphs once the UNet is compiled with ``cuda_graphs``.
+
+        Checked at every call because compiling may come after DeepCache was configured. The
+        graph wrapper keeps Dynamo out of its own frame, so the passes it calls are compiled
+        explicitly here rather than by the UNet's ``compile()``.
+        """
+        from ..compile.cuda_graphs import PASS_GRAPHS, CudaGraphs
+
+        if PASS_GRAPHS not in self.unet.__dict__ or "full_pass" in self.__dict__:
+            return
+        compile_kwargs = self.unet.__dict__[PASS_GRAPHS]
+        for name in ("full_pass", "shallow_pass"):
+            fn = getattr(self, name)
+            if compile_kwargs is not None:
+                fn = torch.compile(fn, fullgraph=True, **compile_kwargs)
+            setattr(self, name, CudaGraphs(fn, self.unet, f"unet (DeepCache {name.replace('_', ' ')})"))
 
     def stop(self) -> None:
         """Disarm: the UNet computes normally and holds no features until the next ``start``."""
@@ -144,6 +166,8 @@ class DeepCache:
                 self.unet.forward = self._own_forward
             self._inner_forward = self._own_forward = None
         self.skip_index = None
+        self.__dict__.pop("full_pass", None)
+        self.__dict__.pop("shallow_pass", None)
         self.unet.__dict__.pop("_onediffx_deep_cache", None)
 
     def _remove_replay_hooks(self) -> None:

@@ -1,0 +1,53 @@
+"""onediffx's CUDA graphs (``compile.cuda_graphs``): what the CPU can check.
+
+Capture and replay need CUDA (``test_gpu.py`` checks them against the uncaptured compiled forward,
+with LoRA fusing and resolution switches). Here: calls the wrapper cannot capture run as they are and
+say so once, a pipeline on the CPU gets no graphs, and argument trees survive the static-buffer round
+trip.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from onediffx.compile import compile_options, compile_pipe
+from onediffx.compile.cuda_graphs import CudaGraphs, _rebuild, _tensors
+from onediffx.compile.dispatch import CompiledForward
+from onediffx.models.tiny import tiny_sd
+
+
+def test_calls_off_cuda_run_uncaptured_and_say_so_once(caplog):
+    calls = []
+
+    def fn(x, *, scale):
+        calls.append(scale)
+        return {"y": x * scale}
+
+    graphs = CudaGraphs(fn, torch.nn.Linear(2, 2), "toy")
+    x = torch.ones(3)
+    with caplog.at_level(logging.WARNING, logger="onediffx.compile.cuda_graphs"):
+        outs = [graphs(x, scale=s) for s in (2.0, 2.0, 3.0)]
+    assert [o["y"][0].item() for o in outs] == [2.0, 2.0, 3.0] and calls == [2.0, 2.0, 3.0]
+    assert graphs.captures == 0 and len(graphs.graphs) == 2  # one uncaptured entry per signature
+    assert sum("not using a CUDA graph" in r.message for r in caplog.records) == 1
+
+
+def test_argument_trees_round_trip_through_static_buffers():
+    args = (torch.zeros(2), 3, [torch.ones(1), None])
+    kwargs = {"cond": {"a": torch.full((2,), 5.0)}, "flag": True}
+    tensors = _tensors((args, kwargs), [])
+    assert len(tensors) == 3
+    new = [t + 1 for t in tensors]
+    r_args, r_kwargs = _rebuild((args, kwargs), iter(new))
+    assert r_args[1] == 3 and r_args[2][1] is None and r_kwargs["flag"] is True and isinstance(r_args[2], list)
+    assert r_args[0] is new[0] and r_args[2][0] is new[1] and r_kwargs["cond"]["a"] is new[2]
+
+
+def test_a_cpu_pipeline_gets_no_graphs():
+    pipe = tiny_sd()
+    compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=True))
+    state = pipe._onediffx_compile
+    assert state.graphed == {} and isinstance(pipe.unet.forward, CompiledForward)
+    assert "_onediffx_pass_graphs" not in pipe.unet.__dict__
