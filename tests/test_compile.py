@@ -202,3 +202,21 @@ def test_unknown_backend_and_missing_onediff_are_one_line(compose_run):
         plan(compose_run("compile.backend=fast"))
     with pytest.raises(NotAvailableError, match=r"compile.backend=oneflow: .* use compile=inductor"):
         plan(compose_run("plugins=[onediff]", "compile=inductor", "compile.backend=oneflow"))
+
+
+def test_regions_share_one_graph_per_block_shape(compiled):
+    """``compile=regional``: blocks compiled one by one, each shape once, the output still eager's."""
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = tiny_sd()
+    pipe.set_progress_bar_config(disable=True)
+    compile_pipe(pipe, "inductor", compile_options("regional", components=["unet"]))
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
+    assert pipe.unet.__dict__["_onediffx_regions"] == len(blocks) and compile_state(pipe).dynamo == ["unet"]
+    image = _image(pipe, 64)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs < len(blocks)  # blocks of one shape share a graph
+    assert np.abs(image - compiled["eager"][64]).max() <= 2
+    _image(pipe, 64)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

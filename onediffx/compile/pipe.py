@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config.schema import CompileConfig
 from ..graph_cache import GraphCache, config_digest, environment_key
 from ..registry import get_backend
-from .backends import compile_kwargs, resolve_backend
+from .backends import REGIONS, compile_kwargs, resolve_backend
 from .cuda_graphs import GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 
@@ -149,8 +149,9 @@ def _add_cuda_graphs(state: CompileState, module: torch.nn.Module, path: str, op
     which a graph wrapper would bypass; there only DeepCache's passes (compiled explicitly) are
     captured, and Inductor's own ``mode=reduce-overhead`` remains for the rest.
     """
-    mark_passes(module, compile_kwargs(options))
-    if handle is not None or (options.regional and getattr(module, "_repeated_blocks", None)):
+    regional = module.__dict__.get(REGIONS)
+    mark_passes(module, None if regional else compile_kwargs(options))  # regions are compiled already
+    if handle is not None or regional:
         graphed = state.graphed[path] = graph_module(module, path)
         graphed.on_release = lambda: state.graphed.pop(path, None)
 

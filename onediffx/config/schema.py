@@ -57,6 +57,9 @@ class CompileConfig:
     fullgraph: bool = True
     dynamic: Optional[bool] = False
     regional: bool = False
+    regions: List[str] = field(default_factory=list)
+    """With ``regional``: class names of the blocks compiled one by one (shared by all blocks of a
+    shape), e.g. ``[BasicTransformerBlock, ResnetBlock2D]``; empty: diffusers' ``_repeated_blocks``."""
     channels_last: bool = True
     fuse_qkv: bool = False
     max_autotune: bool = False

@@ -29,6 +29,9 @@ class CompileStage(Stage):
                 backend.check()
         if cfg.compile.graph not in GRAPHS:
             raise ConfigError(f"compile.graph: {cfg.compile.graph!r} is not allowed; expected one of {', '.join(GRAPHS)}")
+        for name in cfg.compile.regions:
+            if not str(name).isidentifier():
+                raise ConfigError(f"compile.regions: {name!r} is not a class name; expected names such as BasicTransformerBlock")
         if cfg.compile.vae_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ConfigError(f"compile.vae_dtype: {cfg.compile.vae_dtype!r} is not allowed; expected bfloat16, float16 or float32")
 
