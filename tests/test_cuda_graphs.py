@@ -51,3 +51,16 @@ def test_a_cpu_pipeline_gets_no_graphs():
     state = pipe._onediffx_compile
     assert state.graphed == {} and isinstance(pipe.unet.forward, CompiledForward)
     assert "_onediffx_pass_graphs" not in pipe.unet.__dict__
+
+
+def test_signatures_past_the_cap_run_uncaptured(monkeypatch, caplog):
+    """A value that changes at every call (a Python-number timestep) must not capture a graph per call."""
+    from onediffx.compile import cuda_graphs
+
+    graphs = CudaGraphs(lambda x, t: x * t, torch.nn.Linear(2, 2), "toy")
+    monkeypatch.setattr(graphs, "captures", cuda_graphs.MAX_GRAPHS)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # pretend, to reach the cap check
+    with caplog.at_level(logging.WARNING, logger="onediffx.compile.cuda_graphs"):
+        results = [graphs(torch.ones(2), t).tolist() for t in (1.0, 2.0, 3.0)]
+    assert results == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]] and graphs.captures == cuda_graphs.MAX_GRAPHS
+    assert sum("signatures are captured already" in r.message for r in caplog.records) == 1

@@ -18,6 +18,9 @@ What a captured graph assumes, and how this module keeps it true:
   detected: call ``reset()`` after doing that.
 * Everything runs on one CUDA device with no host synchronisation. A call with a tensor
   elsewhere, or whose capture fails, runs uncaptured for that signature and says so once.
+* Signatures are few (resolutions, batch sizes). Past ``MAX_GRAPHS`` of them, something changes
+  at every call (a Python-number timestep, weights offloaded and reloaded at new addresses), and
+  capturing each would cost three runs per call: further signatures run uncaptured, said once.
 
 All graphs of one wrapper share a memory pool: calls never overlap, and outputs are cloned
 before the next replay, so switching among resolutions does not grow memory per switch.
@@ -36,6 +39,7 @@ from .guards import describe
 log = logging.getLogger(__name__)
 
 _UNGRAPHABLE = object()
+MAX_GRAPHS = 16
 PASS_GRAPHS = "_onediffx_pass_graphs"
 """Module attribute: DeepCache captures its passes in CUDA graphs (value: the passes' compile kwargs)."""
 
@@ -123,6 +127,10 @@ class CudaGraphs:
         device = next((t.device for t in tensors if t.is_cuda), None)
         if device is None or any(t.device != device for t in tensors):
             self._ungraphable(key, "its tensors are not all on one CUDA device")
+            return out
+        if self.captures >= MAX_GRAPHS:
+            self._ungraphable(key, f"{MAX_GRAPHS} input signatures are captured already; does an argument "
+                                   "(a Python-number timestep?) or a weight address change at every call?")
             return out
         try:
             self.graphs[key] = self._capture(device, tensors, args, kwargs)
