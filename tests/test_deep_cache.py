@@ -328,10 +328,15 @@ def test_bench_on_tiny_pipe():
 
     pipe = tiny_sd()
     pipe.set_progress_bar_config(disable=True)
-    rows = run_deepcache_bench(pipe, "cpu", intervals=(2,), steps=4, height=64, width=64, warmup=0)
+    rows = run_deepcache_bench(pipe, "cpu", intervals=(2,), steps=4, height=64, width=64, warmup=0,
+                               fresh=lambda: tiny_sd())
     by = {(r["method"], r["interval"]): r for r in rows}
-    assert set(by) == {("diffusers", None), ("DeepCache package", 2), ("onediffx deepcache", 2)}
+    assert set(by) == {("diffusers", None), ("DeepCache package", 2), ("onediffx deepcache", 2),
+                       ("diffusers (again, fresh pipeline)", None)}
     assert by[("diffusers", None)]["psnr_db"] == float("inf")
+    assert by[("diffusers (again, fresh pipeline)", None)]["psnr_db"] == float("inf")  # same weights, same image
+    eager = [by[(m, None)] for m in ("diffusers", "diffusers (again, fresh pipeline)")]
+    assert max(r["speedup"] for r in eager) == 1.0  # speed-ups are against the faster eager row
     helper, ours = by[("DeepCache package", 2)], by[("onediffx deepcache", 2)]
     assert np.isfinite(ours["psnr_db"]) and ours["psnr_db"] == helper["psnr_db"]
     assert all(r["latency_s"] > 0 and r["speedup"] > 0 for r in rows)

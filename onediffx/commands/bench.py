@@ -62,7 +62,7 @@ def _deepcache(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     compile_fn = (lambda pipe: compile_pipe(pipe, options.backend, options)) if cfg.bench.deepcache_compile else None
     rows = run_deepcache_bench(asm.pipe, asm.device, list(cfg.bench.deepcache_intervals), settings.steps,
                                settings.height, settings.width, compile_fn, prompt=cfg.prompt, seed=cfg.seed,
-                               repeat=cfg.bench.repeat)
+                               repeat=cfg.bench.repeat, fresh=lambda: _fresh(cfg).pipe)
     return [{"scenario": "deepcache", **row} for row in rows]
 
 
