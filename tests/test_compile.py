@@ -220,3 +220,11 @@ def test_regions_share_one_graph_per_block_shape(compiled):
     _image(pipe, 64)
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+def test_a_region_name_that_matches_nothing_is_one_line(tmp_path):
+    proc = run_cli("run", "model=tiny", "compile=regional", "compile.regions=[ResnetBlock2d]", "steps=1",
+                   cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "compile.regions: no ResnetBlock2d in unet" in proc.stderr and "ResnetBlock2D" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -117,6 +117,8 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
     compile_fn = get_backend(backend)
     paths = list(options.components) + (list(TEXT_ENCODERS) if options.text_encoders else [])
     deep_cached = type(pipe).__module__.startswith("onediffx.deep_cache")
+    if options.regional and options.regions:
+        _check_regions(pipe, paths, options.regions)
     for path in paths:
         module = _find(pipe, path)
         if module is None:
@@ -138,6 +140,18 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
             if module is not None:
                 state.graphed[path] = graph_module(module, path)
     return pipe
+
+
+def _check_regions(pipe: Any, paths: list[str], names: list[str]) -> None:
+    """A region name that matches no block would silently compile the whole component instead."""
+    from ..errors import ConfigError
+
+    present = {type(m).__name__ for path in paths if (module := _find(pipe, path)) is not None for m in module.modules()}
+    missing = [name for name in names if name not in present]
+    if missing:
+        blocks = sorted(n for n in present if n.endswith(("Block", "Block2D", "Block3D")))
+        raise ConfigError(f"compile.regions: no {', '.join(missing)} in {', '.join(paths)}; "
+                          f"block classes there: {', '.join(blocks) or 'none'}")
 
 
 def _add_cuda_graphs(state: CompileState, module: torch.nn.Module, path: str, options: CompileConfig,
