@@ -228,3 +228,25 @@ def test_a_region_name_that_matches_nothing_is_one_line(tmp_path):
     assert proc.returncode != 0
     assert "compile.regions: no ResnetBlock2d in unet" in proc.stderr and "ResnetBlock2D" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ahead_of_time_regions_restart_without_tracing(compiled, tmp_path):
+    """``compile=regional compile.graph=aot``: one saved graph set per block structure, loaded by a restart."""
+    from PIL import Image
+
+    common = ["run", "compile=regional", "compile.graph=aot", "compile.components=[unet]",
+              f"cache.dir={tmp_path / 'graphs'}", "steps=2"]
+    images, metrics = [], []
+    for run in ("cold", "restart"):
+        proc = run_cli(*common, f"hydra.run.dir={run}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        metrics.append(json.loads((tmp_path / run / "metrics.json").read_text()))
+        images.append(np.asarray(Image.open(tmp_path / run / metrics[-1]["outputs"][0]), dtype=np.int16))
+    cold, restart = metrics
+    blocks = [p for p in cold["stages"]["load-graph"]["components"]]
+    assert all(p.startswith("unet.") for p in blocks) and 1 < len(blocks) < 18  # 18 blocks share fewer graph sets
+    assert cold["compile_counters"]["graphs_compiled"] == len(blocks)
+    assert restart["stages"]["load-graph"]["hit"] is True
+    assert restart["compile_counters"]["graphs_compiled"] == 0 and restart["compile_counters"]["dynamo_graphs"] == 0
+    assert np.abs(images[1] - images[0]).max() <= 1
+    assert np.abs(images[0] - compiled["eager"][64]).max() <= 2

@@ -8,13 +8,14 @@ register more (``plugins/onediff.py``).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from ..registry import register_backend
 from .dispatch import CompiledForward
+from .regions import compile_regions, compile_regions_aot
 
 
 def inductor_options(options: Any) -> dict[str, Any]:
@@ -54,45 +55,27 @@ def aot_capable(module: nn.Module, options: Any) -> bool:
 
 
 @register_backend("inductor")
-def inductor(module: nn.Module, name: str, options: Any, on_miss: str = "compile") -> Optional[CompiledForward]:
-    """PyTorch Inductor via torch.compile; saveable ahead-of-time graphs where possible."""
+def inductor(module: nn.Module, name: str, options: Any,
+             on_miss: str = "compile") -> Union[CompiledForward, dict[str, CompiledForward], None]:
+    """PyTorch Inductor via torch.compile; saveable ahead-of-time graphs where possible.
+
+    Regional compilation returns the saveable graphs of each block structure by block path (see
+    ``regions.py``); a component with no matching block is compiled whole.
+    """
     kwargs = compile_kwargs(options)
+    names = (options.regions or getattr(module, "_repeated_blocks", None) or []) if options.regional else []
+    if names and options.graph == "aot" and not kwargs["options"].get("triton.cudagraphs"):
+        handles = compile_regions_aot(module, names, kwargs, on_miss, name)
+        if handles:
+            return handles
+    elif names and compile_regions(module, names, kwargs, options.fullgraph):
+        return None
     if aot_capable(module, options):
         compiled = CompiledForward(module, kwargs, on_miss=on_miss, name=name)
         module.forward = compiled
         return compiled
-    names = (options.regions or getattr(module, "_repeated_blocks", None) or []) if options.regional else []
-    if not compile_regions(module, names, kwargs, options.fullgraph):
-        module.compile(fullgraph=options.fullgraph, **kwargs)
+    module.compile(fullgraph=options.fullgraph, **kwargs)
     return None
-
-
-REGIONS = "_onediffx_regions"
-"""Module attribute: how many of its submodules were compiled as regions."""
-
-
-def compile_regions(module: nn.Module, names: list[str], kwargs: dict[str, Any], fullgraph: bool = True) -> int:
-    """Compile each submodule whose class is named in ``names`` on its own; the rest stays eager.
-
-    Dynamo files compiled code under the forward's code object, and with inlined module
-    parameters its guards do not pin one instance, so every block of a class shares the graph
-    compiled for its input and parameter shapes. The SDXL UNet and VAE decoder hold 101 such
-    blocks of 22 distinct shapes: compiling 22 small graphs instead of two large ones is what
-    makes the cold start short. The recompile limit is raised to fit those shapes (Dynamo
-    would otherwise stop at 8 per class). Nested matches compile only the outer block.
-    """
-    if not names:
-        return 0
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 64)
-    compiled: list[str] = []
-    for path, sub in module.named_modules():
-        if type(sub).__name__ in names and not any(path.startswith(p + ".") for p in compiled):
-            sub.compile(fullgraph=fullgraph, **kwargs)
-            compiled.append(path)
-    if compiled:
-        module.__dict__[REGIONS] = len(compiled)
-    return len(compiled)
 
 
 @register_backend("none")

@@ -111,29 +111,34 @@ class CompiledForward:
     # -- calling ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = dispatch_key(self.module, args, kwargs)
-        entry = self.by_key.get(key) or self._bind(key, args, kwargs)
+        return self.call(self.module, args, kwargs)
+
+    def call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Run ``module``'s forward through these graphs: ``module`` is this one's, or a block of the
+        same structure sharing them (regional compilation; see ``regions.py``)."""
+        key = dispatch_key(module, args, kwargs)
+        entry = self.by_key.get(key) or self._bind(key, module, args, kwargs)
         if entry is None:
             if self.on_miss == "eager" and self.entries:
                 self._say_once("eager", f"{self.name}: input {signature_of(args, kwargs)} was not prepared; running eager")
-                return self.impl(self.module, *args, **kwargs)
-            entry = self._compile(args, kwargs)
+                return self.impl(module, *args, **kwargs)
+            entry = self._compile(module, args, kwargs)
             self.by_key[key] = entry
-        return entry(self.module, *args, **kwargs)
+        return entry(module, *args, **kwargs)
 
-    def _bind(self, key: tuple, args: tuple, kwargs: dict) -> Optional[Any]:
+    def _bind(self, key: tuple, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Any]:
         """File a loaded graph under this call's key if it was saved for exactly this call."""
         if not self.unbound:
             return None
         signature = _portable(signature_of(args, kwargs))
         for i, (entry, saved) in enumerate(self.unbound):
-            if saved == signature and entry.guard_check(self.module, *args, **kwargs):
+            if saved == signature and entry.guard_check(module, *args, **kwargs):
                 del self.unbound[i]
                 self.by_key[key] = entry
                 return entry
         return None
 
-    def _compile(self, args: tuple, kwargs: dict) -> Any:
+    def _compile(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.entries:
             self._say_once(str(len(self.entries)), f"{self.name}: compiling a graph for new input {signature_of(args, kwargs)}")
         if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch 2.11 gates the API behind it
@@ -142,7 +147,7 @@ class CompiledForward:
         compiled = torch.compile(self.impl, **{**self.compile_kwargs, "options": options, "fullgraph": True})
         start = time.perf_counter()
         with torch.no_grad():
-            entry = compiled.aot_compile(((self.module, *args), kwargs))
+            entry = compiled.aot_compile(((module, *args), kwargs))
         self.compile_seconds.append(round(time.perf_counter() - start, 2))
         log.info("%s: compiled a graph for %s in %.1f s", self.name, signature_of(args, kwargs), self.compile_seconds[-1])
         entry.disable_guard_check()  # dispatch checked the call; the entry need not check again

@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..config.schema import CompileConfig
 from ..graph_cache import GraphCache, config_digest, environment_key
 from ..registry import get_backend
-from .backends import REGIONS, compile_kwargs, resolve_backend
+from .backends import compile_kwargs, resolve_backend
 from .cuda_graphs import GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
+from .regions import REGIONS
 
 log = logging.getLogger("onediffx.compile")
 
@@ -126,7 +127,9 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
         # DeepCache pipelines hook the UNet at call time; only Dynamo's path traces those hooks.
         opts = replace(options, graph="dynamo") if deep_cached and path == "unet" else options
         handle = compile_fn(module, path, opts, on_miss)
-        if isinstance(handle, CompiledForward):
+        if isinstance(handle, dict):  # ahead-of-time regions: one entry per block structure
+            state.saveable.update({f"{path}.{block}": compiled for block, compiled in handle.items()})
+        elif isinstance(handle, CompiledForward):
             state.saveable[path] = handle
             handle.on_release = lambda h, path=path: _released(state, path)
         else:
@@ -204,7 +207,7 @@ def component_key(pipe: Any, path: str, state: CompileState) -> dict[str, Any]:
         **environment_key(param.device),
         "component": path,
         "class": type(module).__name__,
-        "architecture": config_digest(module),
+        "architecture": getattr(state.saveable.get(path), "digest", None) or config_digest(module),
         "dtype": str(param.dtype).replace("torch.", ""),
         "compile": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(state.options)).items()
                     if k not in ("components", "text_encoders")},
