@@ -58,9 +58,28 @@ def test_signatures_past_the_cap_run_uncaptured(monkeypatch, caplog):
     from onediffx.compile import cuda_graphs
 
     graphs = CudaGraphs(lambda x, t: x * t, torch.nn.Linear(2, 2), "toy")
-    monkeypatch.setattr(graphs, "captures", cuda_graphs.MAX_GRAPHS)
+    graphs.graphs.update({("captured", i): object() for i in range(cuda_graphs.MAX_GRAPHS)})
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # pretend, to reach the cap check
     with caplog.at_level(logging.WARNING, logger="onediffx.compile.cuda_graphs"):
         results = [graphs(torch.ones(2), t).tolist() for t in (1.0, 2.0, 3.0)]
-    assert results == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]] and graphs.captures == cuda_graphs.MAX_GRAPHS
+    assert results == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]] and graphs.captures == 0
     assert sum("signatures are captured already" in r.message for r in caplog.records) == 1
+
+
+def test_in_place_weight_changes_keep_the_key_and_moves_change_it():
+    """Graphs read parameters where they were captured: in place is fine, a move must re-capture."""
+    module = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(20)])
+    graphs = CudaGraphs(module, module, "toy")
+    x = torch.ones(4)
+    key = graphs._key((x,), {})
+    module.load_state_dict({k: v + 1 for k, v in module.state_dict().items()})  # copies into the same storage
+    assert graphs._key((x,), {}) == key
+    module.to(torch.float64)
+    moved = graphs._key((x,), {})
+    assert moved != key
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # .to() then makes new Parameter objects
+    try:
+        module.to(torch.float32)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert graphs._key((x,), {}) not in (key, moved)

@@ -13,9 +13,9 @@ What a captured graph assumes, and how this module keeps it true:
   (a few small copies per UNet step) and returns clones of the static outputs, so callers may
   keep results across calls.
 * Parameters stay where they were. In-place updates (LoRA fusing, ``load_state_dict``) are seen
-  by the next replay; a module moved or cast (``.to``) has a new first-parameter address, which
-  is part of the key, so it is captured again. Replacing single parameters by assignment is not
-  detected: call ``reset()`` after doing that.
+  by the next replay; a module moved or cast (``.to``) has new parameter addresses, and the
+  addresses of nine parameters spread over the module are part of the key, so it is captured
+  again. Replacing other single parameters by assignment is not detected: call ``reset()``.
 * Everything runs on one CUDA device with no host synchronisation. A call with a tensor
   elsewhere, or whose capture fails, runs uncaptured for that signature and says so once.
 * Signatures are few (resolutions, batch sizes). Past ``MAX_GRAPHS`` of them, something changes
@@ -98,18 +98,27 @@ class CudaGraphs:
         self.name = name
         self.graphs: dict[tuple, Any] = {}
         self.captures = 0
+        """Graphs captured so far (over the wrapper's life)."""
         self._pool: Optional[tuple] = None
+        self._probe: Optional[list[tuple[torch.nn.Module, str]]] = None
         self._warned: set[str] = set()
 
     def reset(self) -> None:
         """Forget every captured graph (after replacing parameters by assignment)."""
         self.graphs.clear()
         self._pool = None
+        self._probe = None
 
     def _key(self, args: tuple, kwargs: dict) -> tuple:
-        param = next(self.module.parameters(), None)
-        where = None if param is None else (param.data_ptr(), param.dtype, param.device, tuple(param.stride()))
-        return (where, self.module.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"), describe(args), describe(kwargs))
+        if self._probe is None:  # parameter slots spread over the module: a move or cast changes them all
+            slots = [(m, n) for m in self.module.modules() for n in m._parameters]
+            self._probe = slots[:: max(1, len(slots) // 8)] + slots[-1:]
+        params = [m._parameters.get(n) for m, n in self._probe]  # read through the slot: assignment shows
+        where = tuple(None if p is None else p.data_ptr() for p in params)
+        first = params[0] if params else None
+        layout = None if first is None else (first.dtype, first.device, tuple(first.stride()))
+        return (where, layout, self.module.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"),
+                describe(args), describe(kwargs))
 
     @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -128,7 +137,7 @@ class CudaGraphs:
         if device is None or any(t.device != device for t in tensors):
             self._ungraphable(key, "its tensors are not all on one CUDA device")
             return out
-        if self.captures >= MAX_GRAPHS:
+        if sum(g is not _UNGRAPHABLE for g in self.graphs.values()) >= MAX_GRAPHS:
             self._ungraphable(key, f"{MAX_GRAPHS} input signatures are captured already; does an argument "
                                    "(a Python-number timestep?) or a weight address change at every call?")
             return out
