@@ -164,12 +164,18 @@ def test_bad_arguments_fail_before_reading(tmp_path):
         lora.load_and_fuse_lora(pipe, str(tmp_path / "x.safetensors"), adapter_weights=[1.0])
 
 
-def test_lora_after_qkv_fusion_is_refused(tmp_path):
-    """After fuse_qkv_projections to_q/k/v are no longer read: fusing into them would do nothing."""
+def test_lora_on_fused_added_projections_is_refused():
+    """Fused added projections (SD3-style ``to_added_qkv``) are not kept in sync: fusing into
+    ``add_q_proj`` would change a weight nothing reads. (to_q/k/v are synced: see
+    ``test_lora_fused_projections.py``.)"""
     pipe = tiny_sdxl()
-    path = save_kohya(random_lora(lora_targets(pipe), 4, seed=6), tmp_path / "qkv.safetensors")
-    pipe.unet.fuse_qkv_projections()
+    attn = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    attn.add_q_proj = torch.nn.Linear(attn.to_q.in_features, attn.to_q.out_features, bias=False)
+    prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.add_q_proj"
+    state_dict = {f"{prefix}.lora_A.weight": torch.randn(4, attn.to_q.in_features),  # PEFT-format keys
+                  f"{prefix}.lora_B.weight": torch.randn(attn.to_q.out_features, 4)}
+    attn.fused_projections = True
     before = snapshot(pipe)
-    with pytest.raises(LoraMismatchError, match="QKV projections are fused"):
-        lora.load_and_fuse_lora(pipe, str(path))
+    with pytest.raises(LoraMismatchError, match="added projections are fused"):
+        lora.load_and_fuse_lora(pipe, state_dict)
     assert all(torch.equal(v, before[k]) for k, v in snapshot(pipe).items())

@@ -17,6 +17,7 @@ import torch
 
 from . import fuse as _fuse
 from .fit import fit, lora_components
+from .fused_projections import sync as _sync_fused
 from .formats import to_canonical
 from .sources import read_lora
 
@@ -98,6 +99,7 @@ def load_lora_and_optionally_fuse(
         weights = dict(state.active)
         weights[name] = 1.0 if lora_scale is None else float(lora_scale)
         _fuse.fuse(state, weights, offload_device)
+        _sync_fused(pipeline, state.projection_versions)
     if offload_weight == "lora":
         _offload_factors(adapter, _fuse.resolve_offload(offload_device, next(iter(adapter.targets.values())).up))
     log.debug("loaded LoRA %s as %r: %d layers", raw.label, name, len(adapter.targets))
@@ -127,7 +129,9 @@ def unfuse_lora(pipeline: Any) -> None:
     The copies of the original weights are kept, so fusing again skips the backup;
     ``delete_adapters()`` (all of them) frees them.
     """
-    _fuse.unfuse(_fuse.state_of(pipeline))
+    state = _fuse.state_of(pipeline)
+    _fuse.unfuse(state)
+    _sync_fused(pipeline, state.projection_versions)
 
 
 def _names(adapter_names: Union[List[str], str, None]) -> List[str]:
@@ -163,6 +167,7 @@ def set_and_fuse_adapters(
             continue
         chosen[name] = weight
     _fuse.fuse(state, chosen, state.offload_device)
+    _sync_fused(pipeline, state.projection_versions)
 
 
 def delete_adapters(pipeline: Any, adapter_names: Union[List[str], str, None] = None) -> None:
@@ -176,6 +181,7 @@ def delete_adapters(pipeline: Any, adapter_names: Union[List[str], str, None] = 
     remaining = {n: w for n, w in state.active.items() if n not in names}
     if len(remaining) != len(state.active):
         _fuse.fuse(state, remaining, state.offload_device)
+        _sync_fused(pipeline, state.projection_versions)
     for name in names:
         state.adapters.pop(name, None)
     if not state.adapters:

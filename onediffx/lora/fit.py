@@ -16,8 +16,9 @@ import torch
 from .errors import LoraMismatchError
 from .formats import LoraLayer, TargetKey
 
-_QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-"""Attention inputs that diffusers' ``fuse_qkv_projections`` stops using (it reads a fused copy)."""
+_ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+"""Attention inputs that ``fuse_qkv_projections`` stops using and ``fused_projections.sync`` does not
+copy into the fused weight (to_q/k/v it does)."""
 LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
 
 
@@ -114,9 +115,9 @@ def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: t
             missing.append(f"{component}.{path}")
             continue
         parent, _, leaf = path.rpartition(".")
-        if leaf in _QKV and getattr(index.get(component, parent), "fused_projections", False):
+        if leaf in _ADDED_QKV and getattr(index.get(component, parent), "fused_projections", False):
             raise LoraMismatchError(
-                f"LoRA {label} changes {component}.{path}, but that attention's QKV projections are fused "
+                f"LoRA {label} changes {component}.{path}, but that attention's added projections are fused "
                 f"(compile.fuse_qkv) and it is no longer read; fuse LoRAs before fusing QKV, or unfuse QKV first"
             )
         if isinstance(module, torch.nn.Conv2d) and module.groups != 1:

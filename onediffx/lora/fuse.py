@@ -62,6 +62,8 @@ class LoraState:
     """Targets whose weight currently differs from ``W0``."""
     offload_device: str = "cpu"
     """Where new ``W0`` copies go; set by the last load, used by later switches."""
+    projection_versions: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
+    """Per fused attention, its parts' versions when last copied into the fused projection."""
 
 
 def state_of(pipeline: Any) -> LoraState:
