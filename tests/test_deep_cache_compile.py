@@ -99,3 +99,24 @@ def test_explicitly_compiled_passes_compile_once_and_match_eager(runs, pass_grap
     np.testing.assert_allclose(pass_graph_runs["first"], runs["expected"][4], atol=2e-3, rtol=0)
     np.testing.assert_allclose(pass_graph_runs["second"], runs["expected"][5], atol=2e-3, rtol=0)
     assert pass_graph_runs["graphs"] == 2, f"recompiled: {dict(pass_graph_runs['recompiles'])}"
+
+
+def test_ahead_of_time_regions_under_deep_cache(runs):
+    """Replay hooks sit on blocks whose forward is a shared ahead-of-time region: still eager's image."""
+    from onediffx.compile import compile_options, compile_pipe
+    from onediffx.deep_cache import DeepCacheParams, deep_cache
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch._dynamo.reset()
+        pipe = tiny_sd()  # a plain diffusers pipeline, DeepCache applied by the context manager
+        pipe.set_progress_bar_config(disable=True)
+        compile_pipe(pipe, "inductor", compile_options("regional", graph="aot", components=["unet"]))
+        with deep_cache(pipe, DeepCacheParams(**CACHE)):
+            got = generate(pipe, 4)
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    assert len(pipe._onediffx_compile.saveable) > 1  # one entry per block structure
+    np.testing.assert_allclose(got, runs["expected"][4], atol=2e-3, rtol=0)
