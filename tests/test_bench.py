@@ -12,11 +12,12 @@ from conftest import run_cli
 def test_bench_writes_json_and_markdown_with_consistent_ratios(tmp_path):
     proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[steady]",
                    "bench.peer_compile=false", "steps=2", "bench.repeat=2", "bench.unet_iters=1",
-                   "hydra.run.dir=out", cwd=tmp_path)
+                   "bench.also_presets=[auto]", "hydra.run.dir=out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
-    eager, onediffx, again = report["rows"]
+    eager, onediffx, also, again = report["rows"]
     assert eager["method"] == "diffusers eager" and onediffx["method"] == "onediffx compile=none"
+    assert also["method"] == "onediffx compile=auto" and also["psnr_vs_eager_db"] == float("inf")  # eager on the CPU
     assert again["method"].startswith("diffusers eager (again")  # measured last, on a fresh pipeline
     assert eager["unet_tflop"] >= 0 and eager["unet_step_ms"] > 0 and eager["unet_floor_ms"] > 0
     baseline = min(eager["e2e_s"], again["e2e_s"])  # speed-ups are against the faster eager measurement

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..compile import compile_pipe
+from ..compile import compile_options, compile_pipe
 from ..device import empty_cache
 from ..generate import Settings, generate
 from ..stages.base import Assembly
@@ -40,12 +40,25 @@ def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s:
     }
 
 
-def _eager_again(asm: Assembly, fresh: Callable[[], Assembly], settings: Settings, cfg: DictConfig,
-                 reference: np.ndarray, floor_s: float) -> dict[str, Any]:
-    asm.pipe = None  # free the compiled pipeline before loading another, so peak memory is eager's own
+def _release(asm: Assembly, fresh: Callable[[], Assembly]) -> Assembly:
+    """A freshly loaded pipeline, after freeing ``asm``'s (so peak memory is the new one's own)."""
+    asm.pipe = None
     gc.collect()
     empty_cache(asm.device)
-    again = fresh()
+    torch._dynamo.reset()
+    return fresh()
+
+
+def _onediffx_row(asm: Assembly, preset: str, options: Any, settings: Settings, cfg: DictConfig,
+                  reference: np.ndarray, floor_s: float) -> dict[str, Any]:
+    compile_pipe(asm.pipe, options.backend, options)
+    first_s, _ = timed(lambda: generate(asm, settings), asm.device)
+    return _row(f"onediffx compile={preset}", asm, settings, cfg, first_s, reference, floor_s)
+
+
+def _eager_again(asm: Assembly, fresh: Callable[[], Assembly], settings: Settings, cfg: DictConfig,
+                 reference: np.ndarray, floor_s: float) -> dict[str, Any]:
+    again = _release(asm, fresh)
     first_s, _ = timed(lambda: generate(again, settings), again.device)
     return _row("diffusers eager (again, fresh pipeline)", again, settings, cfg, first_s, reference, floor_s)
 
@@ -82,11 +95,12 @@ def run_steady(asm: Assembly, cfg: DictConfig, fresh: Optional[Callable[[], Asse
         rows.append(_peer_row(asm, settings, cfg, reference, floor_s))
 
     options = OmegaConf.to_object(cfg.compile)
-    compile_pipe(asm.pipe, options.backend, options)
-    first_s, _ = timed(lambda: generate(asm, settings), device)
     preset = OmegaConf.select(cfg, "bench.compile_preset") or options.backend
-    rows.append(_row(f"onediffx compile={preset}", asm, settings, cfg, first_s, reference, floor_s))
+    rows.append(_onediffx_row(asm, preset, options, settings, cfg, reference, floor_s))
     if fresh is not None:
+        for other in OmegaConf.select(cfg, "bench.also_presets") or []:
+            asm = _release(asm, fresh)
+            rows.append(_onediffx_row(asm, other, compile_options(other), settings, cfg, reference, floor_s))
         rows.append(_eager_again(asm, fresh, settings, cfg, reference, floor_s))
     base = min(row["e2e_s"] for row in rows if row["method"].startswith("diffusers eager"))
     for row in rows:

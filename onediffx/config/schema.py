@@ -207,6 +207,9 @@ class BenchOptions:
     """Include plain ``torch.compile`` of the UNet as a peer."""
     compile_preset: str = "inductor"
     """The ``conf/compile/`` preset onediffx runs with (the cold-start processes select it by name)."""
+    also_presets: List[str] = field(default_factory=list)
+    """More ``conf/compile/`` presets for the steady scenario, each on a freshly loaded pipeline in the
+    same process, e.g. ``[regional]``: presets compared against the same eager measurements."""
     cold_start_timeout: int = 900
     cold_start_peers: bool = True
     """Also restart plain torch.compile cold and with warm Inductor caches (about 3 minutes for SDXL)."""
