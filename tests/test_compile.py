@@ -231,10 +231,10 @@ def test_a_region_name_that_matches_nothing_is_one_line(tmp_path):
 
 
 def test_ahead_of_time_regions_restart_without_tracing(compiled, tmp_path):
-    """``compile=regional compile.graph=aot``: one saved graph set per block structure, loaded by a restart."""
+    """``compile=regional_aot``: one saved graph set per block structure, loaded by a restart."""
     from PIL import Image
 
-    common = ["run", "compile=regional", "compile.graph=aot", "compile.components=[unet]",
+    common = ["run", "compile=regional_aot", "compile.components=[unet]",
               f"cache.dir={tmp_path / 'graphs'}", "steps=2"]
     images, metrics = [], []
     for run in ("cold", "restart"):
