@@ -22,6 +22,8 @@ from ..registry import get_backend
 from .backends import compile_kwargs, resolve_backend
 from .cuda_graphs import GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
+from .fused_qkv import fuse_qkv
+from .postprocess import pil_on_device
 from .regions import REGIONS
 
 log = logging.getLogger("onediffx.compile")
@@ -97,7 +99,7 @@ def _prepare(pipe: Any, options: CompileConfig, device: torch.device) -> None:
         if options.channels_last:
             module.to(memory_format=torch.channels_last)
         if options.fuse_qkv and hasattr(module, "fuse_qkv_projections"):
-            module.fuse_qkv_projections()
+            fuse_qkv(module)
 
 
 def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, on_miss: str = "compile") -> Any:
@@ -115,6 +117,8 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
     if backend == "none":
         return pipe
     _prepare(pipe, options, device)
+    if options.pil_on_device and getattr(pipe, "image_processor", None) is not None:
+        pil_on_device(pipe.image_processor)
     compile_fn = get_backend(backend)
     paths = list(options.components) + (list(TEXT_ENCODERS) if options.text_encoders else [])
     deep_cached = type(pipe).__module__.startswith("onediffx.deep_cache")
@@ -210,7 +214,7 @@ def component_key(pipe: Any, path: str, state: CompileState) -> dict[str, Any]:
         "architecture": getattr(state.saveable.get(path), "digest", None) or config_digest(module),
         "dtype": str(param.dtype).replace("torch.", ""),
         "compile": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(state.options)).items()
-                    if k not in ("components", "text_encoders")},
+                    if k not in ("components", "text_encoders", "pil_on_device")},
     }
 
 

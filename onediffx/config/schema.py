@@ -62,6 +62,8 @@ class CompileConfig:
     shape), e.g. ``[BasicTransformerBlock, ResnetBlock2D]``; empty: diffusers' ``_repeated_blocks``."""
     channels_last: bool = True
     fuse_qkv: bool = False
+    """Attention computes q/k/v (or k/v) with one fused projection (diffusers' ``fuse_qkv_projections``);
+    LoRA fusing keeps the fused copy in sync."""
     max_autotune: bool = False
     cuda_graphs: bool = False
     """On CUDA, replay each compiled forward (and each DeepCache pass, and the eager text encoders)
@@ -73,6 +75,9 @@ class CompileConfig:
     ``dynamo``: torch.compile's usual lazy path (the graph cache then keeps Inductor's artifacts)."""
     vae_dtype: Optional[str] = None
     """Run the VAE in this dtype on CUDA (``bfloat16``: no fp32 upcast needed, about 3x faster decode)."""
+    pil_on_device: bool = True
+    """Convert decoded images to 8-bit on the device (bit-identical to diffusers' NumPy conversion;
+    saves a 12 MB copy and the CPU pass at the end of each call)."""
     inductor: Dict[str, Any] = field(default_factory=dict)
     """Extra Inductor config (``torch._inductor.config``) keys, e.g. ``conv_1x1_as_mm: true``."""
 

@@ -1,0 +1,40 @@
+"""Fused q/k/v projections that follow the weights a user loads.
+
+diffusers' ``fuse_qkv_projections`` gives each attention a concatenated copy of its projections
+(``to_qkv``, or ``to_kv`` for cross-attention) and then computes with the copy alone. A state dict
+of the unfused architecture (every checkpoint) has no such keys, so ``load_state_dict`` would fail
+on them, or with ``strict=False`` leave the copy stale while the compiled graph keeps reading it.
+A load pre-hook on each fused attention builds the copy from the incoming projections, so loading
+another state dict into a compiled component (graph re-use, no recompile) works with fused
+projections too. LoRA fusing keeps the copy in sync separately (``lora/fused_projections.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+MARK = "_onediffx_fills_fused"
+
+
+def _fill_fused(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    cross = bool(getattr(module, "is_cross_attention", False))
+    fused, parts = ("to_kv", ("to_k", "to_v")) if cross else ("to_qkv", ("to_q", "to_k", "to_v"))
+    for kind in ("weight", "bias"):
+        target, sources = f"{prefix}{fused}.{kind}", [f"{prefix}{part}.{kind}" for part in parts]
+        if target not in state_dict and all(source in state_dict for source in sources):
+            state_dict[target] = torch.cat([state_dict[source] for source in sources])
+
+
+def fuse_qkv(module: nn.Module) -> int:
+    """Fuse the module's attention projections; return how many attentions load-fill their copy."""
+    module.fuse_qkv_projections()
+    hooked = 0
+    for attention in module.modules():
+        if getattr(attention, "fused_projections", False) and not getattr(attention, MARK, False):
+            attention.register_load_state_dict_pre_hook(_fill_fused)
+            setattr(attention, MARK, True)
+            hooked += 1
+    return hooked

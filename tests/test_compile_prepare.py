@@ -1,0 +1,78 @@
+"""What ``compile_pipe`` changes besides compiling: fused projections, 8-bit images on the device,
+and the compiler imported beside the model load. Each is checked against diffusers' own result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from conftest import REPO
+from onediffx.compile.fused_qkv import fuse_qkv
+from onediffx.compile.postprocess import pil_on_device
+from onediffx.models.tiny import tiny_sdxl
+
+
+def _unet_out(unet, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
+    with torch.no_grad():
+        return unet(sample, 10, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+
+def test_loading_an_unfused_state_dict_reaches_the_fused_projections():
+    fused_unet, plain_unet = tiny_sdxl().unet, tiny_sdxl().unet
+    assert fuse_qkv(fused_unet) > 0
+    torch.manual_seed(7)
+    other = type(plain_unet).from_config(plain_unet.config).state_dict()  # a checkpoint: no to_qkv keys
+    assert not any("to_qkv" in k or "to_kv" in k for k in other)
+    before = _unet_out(fused_unet)
+    fused_unet.load_state_dict(other)  # strict: the hook supplies the fused keys
+    plain_unet.load_state_dict(other)
+    after = _unet_out(fused_unet)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, _unet_out(plain_unet), atol=1e-5, rtol=1e-5)
+    # a state dict saved from the fused model round-trips unchanged
+    fused_unet.load_state_dict(fused_unet.state_dict())
+    torch.testing.assert_close(_unet_out(fused_unet), after, atol=0, rtol=0)
+
+
+def test_pil_on_device_gives_diffusers_bytes():
+    processor = tiny_sdxl().image_processor
+    original = processor.postprocess
+    # values on rounding boundaries (k + 0.5) / 255 and out of range, in the dtypes a VAE decodes in
+    boundaries = ((torch.arange(256) + 0.5) / 255 * 2 - 1).repeat(3 * 16 * 16 // 256 + 1)[: 3 * 16 * 16]
+    batches = [torch.rand(2, 3, 16, 16) * 2.4 - 1.2, boundaries.reshape(1, 3, 16, 16)]
+    pil_on_device(processor)
+    pil_on_device(processor)  # idempotent: one wrapper
+    for batch in batches:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            image = batch.to(dtype)
+            ours, theirs = processor.postprocess(image), original(image)
+            assert len(ours) == len(theirs)
+            for a, b in zip(ours, theirs):
+                assert a.mode == b.mode == "RGB"
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # outputs other than PIL, and unclamped images, are diffusers' own
+    image = batches[0]
+    np.testing.assert_array_equal(processor.postprocess(image, output_type="np"), original(image, output_type="np"))
+    for a, b in zip(processor.postprocess(image, do_denormalize=[False, True]), original(image, do_denormalize=[False, True])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_compiler_preload_imports_inductor_in_a_thread():
+    code = (
+        "import sys, threading, torch\n"
+        "from onediffx.compile.preload import CompilerPreload, MODULES\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "p = CompilerPreload().start(); p.wait()\n"
+        "assert p.error is None and all(m in sys.modules for m in MODULES)\n"
+        "assert not [t for t in threading.enumerate() if t.name.startswith('onediffx')]\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
