@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .commands.run import job_facts, print_startup
+from .compile.progressive import finish as finish_progressive
 from .device import peak_memory_gib, reset_peak_memory
 from .errors import ConfigError, NotAvailableError, NotFoundError
 from .generate import Settings, generate
@@ -284,6 +285,7 @@ def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if len(seconds) == 1:
             print_startup(cfg, asm, result.seconds)
 
+    finish_progressive(asm)
     median = statistics.median(seconds)
     metrics = {
         "status": "ok",

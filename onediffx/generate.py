@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .compile.progressive import switch_when_ready
 from .device import synchronize
 from .errors import NotFoundError
 from .models.pipelines import task_of
@@ -95,6 +96,7 @@ def _arguments(asm: "Assembly", s: Settings) -> dict[str, Any]:
 
 def generate(asm: "Assembly", settings: Settings) -> Generation:
     """Run the pipeline once for all of ``settings.seeds`` and time it end to end."""
+    switch_when_ready(asm)  # compile.progressive: whole-component graphs landed since the last call
     args = {**_arguments(asm, settings), **asm.call_kwargs}
     video = task_of(asm.cfg.model.pipeline) == "img2vid"
     synchronize(asm.device)

@@ -59,7 +59,9 @@ def _onediffx(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str
         "process_s": round(process_s, 2),
         "graph_cache": metrics["startup"]["graph_cache"], "graphs_compiled": metrics["compile_counters"]["graphs_compiled"],
         "compile_s": {k: round(sum(v), 1) for k, v in metrics["compile_counters"].get("compile_seconds", {}).items()},
-        "stages_s": {n: round(f.get("seconds", 0.0), 2) for n, f in stages.items() if f.get("enabled", True)},
+        "stages_s": {n: round(f.get("seconds", 0.0), 2) for n, f in stages.items()
+                     if f.get("enabled", True) and "seconds" in f},
+        **({"background_compile_s": stages["progressive"].get("background_s")} if "progressive" in stages else {}),
     }
 
 

@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..compile.pipe import compile_counters
+from ..compile.progressive import finish as finish_progressive
 from ..device import device_name, peak_memory_gib, reset_peak_memory
 from ..generate import Generation, Settings, generate
 from ..launch import startup_facts, startup_table
@@ -92,6 +93,7 @@ def _run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     reset_peak_memory(asm.device)
     calls = [generate(asm, settings) for _ in range(cfg.repeat)]
     files = save_outputs(out_dir, calls[-1], settings.seeds)
+    finish_progressive(asm)
     print_startup(cfg, asm, calls[0].seconds)
     metrics = {
         "status": "ok",

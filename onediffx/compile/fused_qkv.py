@@ -30,7 +30,8 @@ def _fill_fused(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: 
 
 def fuse_qkv(module: nn.Module) -> int:
     """Fuse the module's attention projections; return how many attentions load-fill their copy."""
-    module.fuse_qkv_projections()
+    if not any(getattr(m, "fused_projections", False) for m in module.modules()):  # fusing twice reallocates
+        module.fuse_qkv_projections()
     hooked = 0
     for attention in module.modules():
         if getattr(attention, "fused_projections", False) and not getattr(attention, MARK, False):

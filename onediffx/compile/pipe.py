@@ -20,11 +20,11 @@ from ..config.schema import CompileConfig
 from ..graph_cache import GraphCache, config_digest, environment_key
 from ..registry import get_backend
 from .backends import compile_kwargs, resolve_backend
-from .cuda_graphs import GraphedForward, graph_module, mark_passes
+from .cuda_graphs import PASS_GRAPHS, GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 from .fused_qkv import fuse_qkv
 from .postprocess import pil_on_device
-from .regions import REGIONS
+from .regions import REGIONS, SharedForward
 
 log = logging.getLogger("onediffx.compile")
 
@@ -85,7 +85,8 @@ def _cast_inputs_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
 def _prepare(pipe: Any, options: CompileConfig, device: torch.device) -> None:
     """Layout and precision changes that make compiled kernels faster, applied before compiling."""
     vae = getattr(pipe, "vae", None)
-    if options.vae_dtype and vae is not None and device.type == "cuda" and vae.dtype != torch.float32:
+    cast = options.vae_dtype and vae is not None and device.type == "cuda"
+    if cast and vae.dtype not in (torch.float32, getattr(torch, options.vae_dtype)):
         # bf16 has fp32's exponent range, so the SDXL VAE needs no fp32 upcast to avoid overflow.
         # nn.Module.to: diffusers' override warns on every cast about fp32-pinned modules the VAE does not have
         torch.nn.Module.to(vae, getattr(torch, options.vae_dtype))
@@ -112,6 +113,8 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
     device = _device_of(pipe)
     backend = resolve_backend(backend, device)
     options = _as_options(options, backend)
+    if compile_state(pipe) is not None:  # compiled before: back to eager forwards, then compile anew
+        restore_eager(pipe)
     state = CompileState(backend=backend, options=options)
     pipe._onediffx_compile = state
     if backend == "none":
@@ -147,6 +150,28 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
             if module is not None:
                 state.graphed[path] = graph_module(module, path)
     return pipe
+
+
+def restore_eager(pipe: Any) -> int:
+    """Remove every forward ``compile_pipe`` installed (compiled, regional, CUDA-graphed); return how many.
+
+    Weights and layout changes (channels-last, fused projections, the VAE's dtype) stay: they are
+    what the next ``compile_pipe`` would make anyway. Forwards installed by others (DeepCache's
+    hooks) stay too. Dropping the CUDA-graph wrappers frees their memory pools.
+    """
+    ours = (CompiledForward, GraphedForward, SharedForward)
+    removed = 0
+    for value in vars(pipe).values():
+        if not isinstance(value, torch.nn.Module):
+            continue
+        for module in value.modules():
+            if isinstance(module.__dict__.get("forward"), ours):
+                del module.__dict__["forward"]
+                removed += 1
+            module.__dict__.pop(REGIONS, None)
+            module.__dict__.pop(PASS_GRAPHS, None)
+    pipe._onediffx_compile = None
+    return removed
 
 
 def _check_regions(pipe: Any, paths: list[str], names: list[str]) -> None:
@@ -214,7 +239,7 @@ def component_key(pipe: Any, path: str, state: CompileState) -> dict[str, Any]:
         "architecture": getattr(state.saveable.get(path), "digest", None) or config_digest(module),
         "dtype": str(param.dtype).replace("torch.", ""),
         "compile": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(state.options)).items()
-                    if k not in ("components", "text_encoders", "pil_on_device")},
+                    if k not in ("components", "text_encoders", "pil_on_device", "progressive")},
     }
 
 

@@ -75,6 +75,10 @@ class CompileConfig:
     ``dynamo``: torch.compile's usual lazy path (the graph cache then keeps Inductor's artifacts)."""
     vae_dtype: Optional[str] = None
     """Run the VAE in this dtype on CUDA (``bfloat16``: no fp32 upcast needed, about 3x faster decode)."""
+    progressive: bool = False
+    """On a graph-cache miss, serve from regional graphs (``regions``, default transformer and resnet
+    blocks) while a background process compiles the whole-component graphs into the cache; switch
+    to them when they land. Needs ``graph: aot``, ``cache.enabled`` and DeepCache off."""
     pil_on_device: bool = True
     """Convert decoded images to 8-bit on the device (bit-identical to diffusers' NumPy conversion;
     saves a 12 MB copy and the CPU pass at the end of each call)."""

@@ -32,6 +32,14 @@ class CompileStage(Stage):
         for name in cfg.compile.regions:
             if not str(name).isidentifier():
                 raise ConfigError(f"compile.regions: {name!r} is not a class name; expected names such as BasicTransformerBlock")
+        if cfg.compile.progressive:
+            needs = [why for bad, why in ((cfg.compile.graph != "aot", "compile.graph=aot"),
+                                          (cfg.compile.regional, "compile.regional=false"),
+                                          (not cfg.cache.enabled, "cache.enabled=true"),
+                                          (cfg.deepcache.enabled, "deepcache=off")) if bad]
+            if needs:
+                raise ConfigError(f"compile.progressive: needs {', '.join(needs)} (it serves regional graphs while "
+                                  "saveable whole-component graphs compile into the cache)")
         if cfg.compile.vae_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ConfigError(f"compile.vae_dtype: {cfg.compile.vae_dtype!r} is not allowed; expected bfloat16, float16 or float32")
 

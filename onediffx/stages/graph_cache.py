@@ -7,7 +7,7 @@ only what was compiled in this process (a miss, or a shape the cache did not hav
 
 from __future__ import annotations
 
-from ..compile import compile_state, load_pipe, save_pipe
+from ..compile import compile_state, load_pipe, progressive, save_pipe
 from ..registry import register_stage
 from .base import Assembly, Stage
 
@@ -29,6 +29,10 @@ class LoadGraphStage(Stage):
     def apply(self, asm: Assembly) -> None:
         found = load_pipe(asm.pipe, asm.cfg.cache.dir)
         hit = bool(found) and all(f["hit"] for f in found.values())
+        if not hit and asm.cfg.compile.progressive:
+            asm.note(self.name, whole_component_hit=False)
+            found = progressive.start(asm)
+            hit = bool(found) and all(f["hit"] for f in found.values())
         asm.state["graph_hit"] = hit
         stale = any(v.get("reason") in ("stale", "corrupt") for v in found.values())
         asm.note(self.name, hit=hit, stale=stale, dir=str(asm.cfg.cache.dir),
