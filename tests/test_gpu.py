@@ -120,3 +120,28 @@ def test_deep_cache_passes_in_cuda_graphs_match_the_uncaptured_passes():
             assert state.full_pass.captures == 1 and state.shallow_pass.captures == 1
     np.testing.assert_array_equal(images[True][0], images[True][1])
     np.testing.assert_allclose(images[True][1], images[False][1], atol=2e-2, rtol=0)
+
+
+def test_progressive_start_switches_from_graphed_regions_to_whole_graphs_on_cuda(compose_run, tmp_path):
+    """CUDA-graphed regional forwards are removed and the whole-component graphs captured anew."""
+    from onediffx.compile import compile_state
+    from onediffx.generate import Settings, generate
+    from onediffx.resolver import assemble
+
+    common = ["model=tiny_xl", "device=cuda", "dtype=float16", "steps=4"]
+    eager_asm = assemble(compose_run(*common, "compile=none"))
+    eager = np.asarray(generate(eager_asm, Settings.from_config(eager_asm.cfg)).images[0], dtype=np.float64)
+    asm = assemble(compose_run(*common, "compile=progressive", f"cache.dir={tmp_path}"))
+    settings = Settings.from_config(asm.cfg)
+    assert compile_state(asm.pipe).options.regional and "unet" in compile_state(asm.pipe).graphed
+    regional = np.asarray(generate(asm, settings).images[0], dtype=np.float64)
+    assert asm.state["progressive"].wait() == 0
+    whole = np.asarray(generate(asm, settings).images[0], dtype=np.float64)
+    state = compile_state(asm.pipe)
+    assert asm.report["progressive"]["switched"] and not state.options.regional
+    assert "unet" in state.saveable and "unet" in state.graphed  # whole graphs, captured again
+    assert not any(type(m.__dict__.get("forward")).__name__ == "SharedForward" for m in asm.pipe.unet.modules())
+    from skimage.metrics import peak_signal_noise_ratio
+
+    for image in (regional, whole):
+        assert peak_signal_noise_ratio(eager, image, data_range=255) > 30  # bf16 VAE, as the restart test
