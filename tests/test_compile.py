@@ -135,11 +135,25 @@ def test_restart_loads_graphs_and_compiles_nothing(compiled, tmp_path):
     stages = metrics["stages"]
     assert stages["load-graph"]["hit"] is True and stages["load-graph"]["components"]["unet"]["graphs"] == 2
     assert stages["save-graph"]["saved"] is False
+    assert stages["warmup"]["enabled"] is False  # warmup.on_cache_hit=skip: nothing left to compile
     assert metrics["compile_counters"]["graphs_compiled"] == 0 and metrics["compile_counters"]["dynamo_graphs"] == 0
     from PIL import Image
 
     image = np.asarray(Image.open(job / metrics["outputs"][0]), dtype=np.int16)
     assert np.abs(image - compiled["images"][64]).max() <= 1
+
+
+def test_a_restart_can_still_warm_up_on_a_cache_hit(compiled, compose_run):
+    """``warmup.on_cache_hit=run`` (the launches' choice) keeps the warm-up after a full hit; ``skip`` drops it."""
+    from onediffx.resolver import assemble
+
+    common = ["compile=inductor", "compile.components=[unet]", f"cache.dir={compiled['cache_dir']}", "steps=2",
+              "height=64", "width=64"]
+    for choice, runs in (("run", True), ("skip", False)):
+        asm = assemble(compose_run(*common, f"warmup.on_cache_hit={choice}"))
+        assert asm.report["load-graph"]["hit"] is True
+        assert asm.report["warmup"]["enabled"] is runs
+        assert compile_state(asm.pipe).saveable["unet"].compiles == 0
 
 
 def test_corrupt_entry_is_reported_and_rebuilt(compiled, tmp_path, caplog):

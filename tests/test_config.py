@@ -29,6 +29,7 @@ def test_defaults_compose_and_validate(compose_run):
         ("dtype=float8", "dtype"),
         ("device=tpu", "device"),
         ("warmup.shapes=[{height:60,width:64}]", "warmup.shapes[0].height"),
+        ("warmup.on_cache_hit=later", "warmup.on_cache_hit"),
     ],
 )
 def test_out_of_range_values_name_their_key(compose_run, override, key):

@@ -54,6 +54,7 @@ def validate(cfg: DictConfig) -> None:
     _check("model.dtype", cfg.model.dtype, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
     _check("device", cfg.device, lambda v: bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps")
     _check("warmup.unprepared", cfg.warmup.unprepared, lambda v: v in ("compile", "eager"), "compile or eager")
+    _check("warmup.on_cache_hit", cfg.warmup.on_cache_hit, lambda v: v in ("skip", "run"), "skip or run")
     _check("deepcache.schedule", cfg.deepcache.schedule, lambda v: v in ("uniform", "nonuniform"), "uniform or nonuniform")
     # sweeps, batch prompts and launches
     _check("on_bad_line", cfg.on_bad_line, lambda v: v in ("fail", "skip"), "fail or skip")
