@@ -7,6 +7,7 @@ Oracle: the eager pipeline's image at the same seed, before and after the switch
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,3 +63,18 @@ def test_serves_regional_then_switches_to_the_background_graphs(compose_run, tmp
 def test_what_progressive_needs_is_one_line(compose_run, override, needed):
     with pytest.raises(ConfigError, match=f"compile.progressive: needs {needed}"):
         plan(compose_run("compile=progressive", override))
+
+
+def test_interim_regions_are_the_blocks_the_pipeline_has():
+    from onediffx.compile import compile_options
+    from onediffx.compile.progressive import interim_regions
+    from onediffx.models.tiny import tiny_sd
+
+    options = compile_options("progressive")
+    options.regions = []
+    assert interim_regions(tiny_sd(), options) == ["BasicTransformerBlock", "ResnetBlock2D"]
+    sd = tiny_sd()
+    assert interim_regions(SimpleNamespace(vae=sd.vae), options) == ["ResnetBlock2D"]  # no transformer blocks
+    assert interim_regions(SimpleNamespace(text_encoder=sd.text_encoder), options) == []  # nothing to serve from
+    options.regions = ["Attention"]
+    assert interim_regions(tiny_sd(), options) == ["Attention"]  # given names are the user's to check

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from ..config.schema import CompileConfig
 from .pipe import compile_pipe, compile_state, load_pipe
@@ -38,9 +39,18 @@ INTERIM_REGIONS = ["BasicTransformerBlock", "ResnetBlock2D"]
 BACKGROUND_STAGES = ["compile", "load-graph", "warmup", "save-graph"]
 
 
-def interim_options(options: CompileConfig) -> CompileConfig:
+def interim_regions(pipe: Any, options: CompileConfig) -> list[str]:
+    """``compile.regions`` as given, or those of ``INTERIM_REGIONS`` the pipeline's components contain."""
+    if options.regions:
+        return list(options.regions)
+    present = {type(m).__name__ for value in vars(pipe).values() if isinstance(value, nn.Module)
+               for m in value.modules()}
+    return [name for name in INTERIM_REGIONS if name in present]
+
+
+def interim_options(options: CompileConfig, regions: list[str]) -> CompileConfig:
     """The regional options served while waiting: same engine and layout, blocks compiled alone."""
-    return replace(options, regional=True, regions=list(options.regions or INTERIM_REGIONS), progressive=False)
+    return replace(options, regional=True, regions=list(regions), progressive=False)
 
 
 def background_config(cfg: DictConfig) -> DictConfig:
@@ -109,12 +119,18 @@ class Progressive:
 def start(asm: Any) -> dict[str, Any]:
     """After a cache miss: start the background compile, then recompile the pipeline regionally.
 
-    Returns ``load_pipe``'s answer for the regional graphs (an earlier progressive start saved them).
+    Returns ``load_pipe``'s answer for the regional graphs (an earlier progressive start saved them),
+    or ``{}`` when the pipeline has no block to compile alone and compiles whole graphs as usual.
     """
     state = compile_state(asm.pipe)
+    regions = interim_regions(asm.pipe, state.options)
+    if not regions:  # nothing to compile block by block: this start compiles whole graphs itself
+        log.warning("compile.progressive: no %s blocks in this pipeline; compiling whole graphs now",
+                    " or ".join(INTERIM_REGIONS))
+        return {}
     on_miss = asm.cfg.warmup.unprepared
     asm.state["progressive"] = Progressive(asm.cfg, state.backend, state.options, on_miss)
-    compile_pipe(asm.pipe, state.backend, interim_options(state.options), on_miss=on_miss)
+    compile_pipe(asm.pipe, state.backend, interim_options(state.options, regions), on_miss=on_miss)
     return load_pipe(asm.pipe, asm.cfg.cache.dir)
 
 

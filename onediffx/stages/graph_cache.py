@@ -31,7 +31,7 @@ class LoadGraphStage(Stage):
         hit = bool(found) and all(f["hit"] for f in found.values())
         if not hit and asm.cfg.compile.progressive:
             asm.note(self.name, whole_component_hit=False)
-            found = progressive.start(asm)
+            found = progressive.start(asm) or found  # {}: no blocks to serve from, compile whole now
             hit = bool(found) and all(f["hit"] for f in found.values())
         asm.state["graph_hit"] = hit
         stale = any(v.get("reason") in ("stale", "corrupt") for v in found.values())
