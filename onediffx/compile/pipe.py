@@ -153,7 +153,8 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
 
 
 def restore_eager(pipe: Any) -> int:
-    """Remove every forward ``compile_pipe`` installed (compiled, regional, CUDA-graphed); return how many.
+    """Remove every forward ``compile_pipe`` installed (compiled, regional, CUDA-graphed, Dynamo's
+    ``module.compile``); return how many.
 
     Weights and layout changes (channels-last, fused projections, the VAE's dtype) stay: they are
     what the next ``compile_pipe`` would make anyway. Forwards installed by others (DeepCache's
@@ -167,6 +168,9 @@ def restore_eager(pipe: Any) -> int:
         for module in value.modules():
             if isinstance(module.__dict__.get("forward"), ours):
                 del module.__dict__["forward"]
+                removed += 1
+            if getattr(module, "_compiled_call_impl", None) is not None:  # ``module.compile()`` (Dynamo's path)
+                module._compiled_call_impl = None
                 removed += 1
             module.__dict__.pop(REGIONS, None)
             module.__dict__.pop(PASS_GRAPHS, None)
