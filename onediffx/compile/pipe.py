@@ -152,6 +152,11 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
     return pipe
 
 
+def pipeline_modules(pipe: Any) -> list[torch.nn.Module]:
+    """The pipeline's torch components (UNet, VAE, text encoders, ...), whatever the pipeline class."""
+    return [value for value in vars(pipe).values() if isinstance(value, torch.nn.Module)]
+
+
 def restore_eager(pipe: Any) -> int:
     """Remove every forward ``compile_pipe`` installed (compiled, regional, CUDA-graphed, Dynamo's
     ``module.compile``); return how many.
@@ -162,10 +167,8 @@ def restore_eager(pipe: Any) -> int:
     """
     ours = (CompiledForward, GraphedForward, SharedForward)
     removed = 0
-    for value in vars(pipe).values():
-        if not isinstance(value, torch.nn.Module):
-            continue
-        for module in value.modules():
+    for component in pipeline_modules(pipe):
+        for module in component.modules():
             if isinstance(module.__dict__.get("forward"), ours):
                 del module.__dict__["forward"]
                 removed += 1

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from ..config.schema import CompileConfig
-from .pipe import compile_pipe, compile_state, load_pipe
+from .pipe import compile_pipe, compile_state, load_pipe, pipeline_modules
 
 log = logging.getLogger("onediffx.compile")
 
@@ -43,8 +42,7 @@ def interim_regions(pipe: Any, options: CompileConfig) -> list[str]:
     """``compile.regions`` as given, or those of ``INTERIM_REGIONS`` the pipeline's components contain."""
     if options.regions:
         return list(options.regions)
-    present = {type(m).__name__ for value in vars(pipe).values() if isinstance(value, nn.Module)
-               for m in value.modules()}
+    present = {type(m).__name__ for component in pipeline_modules(pipe) for m in component.modules()}
     return [name for name in INTERIM_REGIONS if name in present]
 
 

@@ -17,6 +17,10 @@ def _cache_in_use(asm: Assembly) -> bool:
     return bool(asm.cfg.cache.enabled and state is not None and state.backend != "none")
 
 
+def _all_hit(found: dict) -> bool:
+    return bool(found) and all(f["hit"] for f in found.values())
+
+
 @register_stage("load-graph")
 class LoadGraphStage(Stage):
     """Load compiled graphs saved by an earlier process (cache.dir), so nothing compiles."""
@@ -28,11 +32,10 @@ class LoadGraphStage(Stage):
 
     def apply(self, asm: Assembly) -> None:
         found = load_pipe(asm.pipe, asm.cfg.cache.dir)
-        hit = bool(found) and all(f["hit"] for f in found.values())
-        if not hit and asm.cfg.compile.progressive:
+        if not _all_hit(found) and asm.cfg.compile.progressive:
             asm.note(self.name, whole_component_hit=False)
             found = progressive.start(asm) or found  # {}: no blocks to serve from, compile whole now
-            hit = bool(found) and all(f["hit"] for f in found.values())
+        hit = _all_hit(found)
         asm.state["graph_hit"] = hit
         stale = any(v.get("reason") in ("stale", "corrupt") for v in found.values())
         asm.note(self.name, hit=hit, stale=stale, dir=str(asm.cfg.cache.dir),
