@@ -1,5 +1,6 @@
 # make run: set up .venv (once) and run the default job on the built-in tiny model.
 # make test: same set-up, then the whole test suite.
+# make wheel-check: build the wheel, install it in a fresh venv, use it from an empty folder.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup clean bench-gpu
+.PHONY: run test setup clean bench-gpu wheel-check
 
 setup: $(STAMP)
 
@@ -24,6 +25,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+wheel-check: $(STAMP)
+	TORCH_SPEC="$(TORCH_SPEC)" .ci/wheel-check $(PY)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,16 +1,24 @@
 """onediffx: declarative, fast Hugging Face diffusers pipelines.
 
 The Python API kept from OneDiffX: ``compile_pipe``, ``save_pipe``, ``load_pipe``,
-``compile_options``; ``onediffx.lora``; ``onediffx.deep_cache``.
+``compile_options`` (callable for a preset, or OneDiffX's mutable options object);
+``onediffx.lora``; ``onediffx.deep_cache``.
 """
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # Lazy: `python -m onediffx list` and config errors should not pay for importing torch.compile.
-    if name in ("compile_pipe", "save_pipe", "load_pipe", "compile_options", "compile_state"):
-        from . import compile as _compile
+import importlib
+from typing import Any
 
-        return getattr(_compile, name)
-    raise AttributeError(name)
+_COMPILE_API = ("compile_pipe", "save_pipe", "load_pipe", "compile_options", "compile_state", "CompileOptions")
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `python -m onediffx list` and config errors should not pay for importing torch.compile.
+    if name not in _COMPILE_API:
+        raise AttributeError(f"module 'onediffx' has no attribute {name!r}")
+    from .compile import preload
+
+    preload.start()  # Inductor's import overlaps the weight loading that follows in a user's script
+    return getattr(importlib.import_module("onediffx.compile"), name)

@@ -29,8 +29,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from .commands.run import job_facts, print_startup
-from .compile.progressive import finish as finish_progressive
+from .commands.outputs import job_facts, print_startup
 from .device import peak_memory_gib, reset_peak_memory
 from .errors import ConfigError, NotAvailableError, NotFoundError
 from .generate import Settings, generate
@@ -273,11 +272,9 @@ def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for item in tqdm(todo, desc="prompts", unit="prompt", initial=len(prompts.items) - len(todo),
                      total=len(prompts.items)):
         loras.apply(asm.pipe, item)
-        item_cfg = cfg.copy()
-        item_cfg.prompt, item_cfg.negative_prompt = item.prompt, item.negative_prompt
         settings = Settings(height=item.height, width=item.width, steps=item.steps, guidance=item.guidance,
-                            seeds=[item.seed])
-        result = generate(dataclasses.replace(asm, cfg=item_cfg), settings)
+                            seeds=[item.seed], prompt=item.prompt, negative_prompt=item.negative_prompt)
+        result = generate(asm, settings)
         _save_png(result.images[0], out_dir / item.file)
         append_manifest(manifest, {**item.spec(), "line": item.line, "file": item.file, "seconds": result.seconds})
         seconds.append(result.seconds)
@@ -285,7 +282,7 @@ def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if len(seconds) == 1:
             print_startup(cfg, asm, result.seconds)
 
-    finish_progressive(asm)
+    asm.close()
     median = statistics.median(seconds)
     metrics = {
         "status": "ok",

@@ -21,11 +21,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import register_configs
 from .errors import OnediffxError
+from .resources import conf_dir
 
 # transformers warns at import about optional image backends; users of a CLI cannot act on that.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 USAGE = """usage: python -m onediffx COMMAND [overrides...]
 
 commands:
@@ -94,7 +94,7 @@ def hydra_app(config_name: str, job: Callable[[DictConfig, Path], dict], argv: l
     """Run ``job`` as a Hydra app over ``conf/<config_name>.yaml`` with ``argv`` as overrides."""
     register_configs()
     sys.argv = [f"onediffx {config_name}", *argv]
-    main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(guarded(job))
+    main = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(guarded(job))
     os.environ.setdefault("ONEDIFFX_FULL_ERROR", "1" if USER_FULL_ERROR else "0")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us, to be printed in one line
     try:

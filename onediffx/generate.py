@@ -9,30 +9,34 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .compile.progressive import switch_when_ready
+from .assembly import Assembly
 from .device import synchronize
 from .errors import NotFoundError
 from .models.pipelines import task_of
 
-if TYPE_CHECKING:  # stages import this module; a runtime import would be circular
-    from .stages.base import Assembly
 
 
 @dataclass
 class Settings:
-    """The effective per-call settings: run options, falling back to the model's defaults."""
+    """The effective per-call settings: run options, falling back to the model's defaults.
+
+    Computed here once (``from_config``) for ``run``, batch lines, warm-up and the bench, so they
+    can never disagree about what ``height: null`` means.
+    """
 
     height: int
     width: int
     steps: int
     guidance: float
     seeds: list[int]
+    prompt: str = ""
+    negative_prompt: Optional[str] = None
 
     @classmethod
     def from_config(cls, cfg, **override: Any) -> "Settings":
@@ -43,6 +47,8 @@ class Settings:
             steps=cfg.steps or model.steps,
             guidance=model.guidance if cfg.guidance is None else cfg.guidance,
             seeds=[cfg.seed + i for i in range(cfg.num_images)],
+            prompt=cfg.prompt,
+            negative_prompt=cfg.negative_prompt,
         )
         values.update(override)
         return cls(**values)
@@ -76,7 +82,7 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def _arguments(asm: "Assembly", s: Settings) -> dict[str, Any]:
+def _arguments(asm: Assembly, s: Settings) -> dict[str, Any]:
     cfg, task = asm.cfg, task_of(asm.cfg.model.pipeline)
     args: dict[str, Any] = dict(height=s.height, width=s.width, num_inference_steps=s.steps, output_type="pil")
     if task == "img2vid":
@@ -86,17 +92,17 @@ def _arguments(asm: "Assembly", s: Settings) -> dict[str, Any]:
             decode_chunk_size=cfg.model.num_frames,
         )
         return args
-    args.update(prompt=[cfg.prompt] * len(s.seeds), guidance_scale=s.guidance)
-    if cfg.negative_prompt:
-        args["negative_prompt"] = [cfg.negative_prompt] * len(s.seeds)
+    args.update(prompt=[s.prompt] * len(s.seeds), guidance_scale=s.guidance)
+    if s.negative_prompt:
+        args["negative_prompt"] = [s.negative_prompt] * len(s.seeds)
     if task == "controlnet":
         args["image"] = conditioning_image(cfg.image, s.width, s.height)
     return args
 
 
-def generate(asm: "Assembly", settings: Settings) -> Generation:
+def generate(asm: Assembly, settings: Settings) -> Generation:
     """Run the pipeline once for all of ``settings.seeds`` and time it end to end."""
-    switch_when_ready(asm)  # compile.progressive: whole-component graphs landed since the last call
+    asm.before_call()  # e.g. compile.progressive: switch to whole-component graphs that landed since the last call
     args = {**_arguments(asm, settings), **asm.call_kwargs}
     video = task_of(asm.cfg.model.pipeline) == "img2vid"
     synchronize(asm.device)

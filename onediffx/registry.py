@@ -42,7 +42,7 @@ def register_backend(name: str) -> Callable[[T], T]:
 
 def _lookup(table: dict, kind: str, key: str, name: str):
     if name not in table:
-        from .plugins import load_all_plugins
+        from .plugin_loader import load_all_plugins
 
         load_all_plugins()
     if name not in table:

@@ -12,11 +12,11 @@ from omegaconf import DictConfig
 
 from . import stages as _builtin_stages  # noqa: F401  (registers the built-in stages)
 from .compile.backends import resolve_backend
-from .compile.preload import CompilerPreload
+from .compile import preload as compiler_preload
 from .config import validate
 from .device import resolve_device, resolve_dtype, synchronize
 from .models.loader import load_pipeline
-from .plugins import load_plugins
+from .plugin_loader import load_plugins
 from .registry import get_stage
 from .stages.base import Assembly, Stage
 
@@ -41,10 +41,10 @@ def assemble(cfg: DictConfig) -> Assembly:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, cfg.model.dtype, device)
     start = time.perf_counter()
-    preload = CompilerPreload().start() if "compile" in cfg.stages and _compiles(cfg, device) else None
+    if "compile" in cfg.stages and _compiles(cfg, device):
+        compiler_preload.start()
     pipe = load_pipeline(cfg.model, device, dtype)
-    if preload is not None:  # the load's time includes any wait, so no stage looks faster than it is
-        preload.wait()
+    compiler_preload.wait()  # the load's time includes any wait, so no stage looks faster than it is
     asm = Assembly(pipe=pipe, cfg=cfg, device=device, dtype=dtype)
     asm.note("load", seconds=time.perf_counter() - start)
     for stage in stages:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from onediffx.cli import CONF_DIR
+from onediffx.resources import conf_dir
 from onediffx.config import register_configs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def compose_run():
     register_configs()
 
     def _compose(*overrides: str, config_name: str = "run"):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return compose(config_name, overrides=list(overrides))
 
     return _compose

@@ -22,6 +22,7 @@ from conftest import REPO, job_dirs, run_cli
 from onediffx.compile import compile_options, compile_pipe, compile_state, load_pipe, save_pipe
 from onediffx.compile.pipe import component_key
 from onediffx.graph_cache import GraphCache
+from onediffx.hooks import COMPILED, get_hook
 from onediffx.models.tiny import tiny_sd
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,8 @@ def test_compiled_output_matches_eager(compiled):
 def test_module_object_and_parameters_stay_the_pipelines(compiled):
     pipe = compiled["pipe"]
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
-    assert pipe.unet.forward is _unet(compiled)
+    hook = get_hook(pipe.unet, COMPILED)  # the graphs are the UNet's forward through its named hook
+    assert pipe.unet.forward is hook and hook.compiled is _unet(compiled)
 
 
 def test_warmed_resolutions_alternate_without_recompiling(compiled):

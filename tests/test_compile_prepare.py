@@ -81,8 +81,8 @@ def test_compiler_preload_imports_inductor_in_a_thread():
 def test_compiling_again_first_restores_the_eager_forwards():
     """``compile_pipe`` on a compiled pipeline (progressive start's switch) leaves nothing of the first compile."""
     from onediffx.compile import compile_options, compile_pipe, compile_state
-    from onediffx.compile.dispatch import CompiledForward
     from onediffx.compile.pipe import restore_eager
+    from onediffx.hooks import COMPILED, has_hook
     from onediffx.models.tiny import tiny_sd
 
     pipe = tiny_sd()
@@ -91,6 +91,6 @@ def test_compiling_again_first_restores_the_eager_forwards():
     assert compiled_blocks
     compile_pipe(pipe, "inductor", compile_options("inductor"))  # nothing is called, so nothing compiles
     assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in pipe.unet.modules())
-    assert isinstance(pipe.unet.__dict__["forward"], CompiledForward)
+    assert has_hook(pipe.unet, COMPILED)
     assert compile_state(pipe).options.regional is False
     assert restore_eager(pipe) >= 2 and "forward" not in pipe.unet.__dict__ and compile_state(pipe) is None

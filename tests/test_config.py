@@ -29,7 +29,6 @@ def test_defaults_compose_and_validate(compose_run):
         ("dtype=float8", "dtype"),
         ("device=tpu", "device"),
         ("warmup.shapes=[{height:60,width:64}]", "warmup.shapes[0].height"),
-        ("warmup.on_cache_hit=later", "warmup.on_cache_hit"),
     ],
 )
 def test_out_of_range_values_name_their_key(compose_run, override, key):
@@ -45,6 +44,25 @@ def test_types_are_checked_at_composition(compose_run):
     with pytest.raises(ConfigCompositionException) as info:
         compose_run("seed=abc")
     assert one_line(info.value) == "seed: Value 'abc' of type 'str' could not be converted to Integer"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("warmup.on_cache_hit=later", "warmup.on_cache_hit: Invalid value 'later', expected one of [skip, run]"),
+    ("warmup.unprepared=maybe", "warmup.unprepared: Invalid value 'maybe', expected one of [compile, eager]"),
+    ("compile.graph=lazy", "compile.graph: Invalid value 'lazy', expected one of [aot, dynamo]"),
+    ("compile.vae_dtype=int8", "compile.vae_dtype: Invalid value 'int8', expected one of [bfloat16, float16, float32]"),
+    ("deepcache.schedule=cubic", "deepcache.schedule: Invalid value 'cubic', expected one of [uniform, nonuniform]"),
+    ("on_bad_line=ignore", "on_bad_line: Invalid value 'ignore', expected one of [fail, skip]"),
+])
+def test_closed_sets_are_enums_checked_at_composition(compose_run, override, message):
+    """A value outside a closed set fails while composing, with its key, before anything loads."""
+    from hydra.errors import ConfigCompositionException
+
+    from onediffx.cli import one_line
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_run(override)
+    assert one_line(info.value) == message
 
 
 def test_unknown_stage_fails_before_any_model_loads(compose_run):

@@ -14,7 +14,7 @@ import torch
 
 from onediffx.compile import compile_options, compile_pipe
 from onediffx.compile.cuda_graphs import CudaGraphs, _rebuild, _tensors
-from onediffx.compile.dispatch import CompiledForward
+from onediffx.compile.dispatch import CompiledHook
 from onediffx.models.tiny import tiny_sd
 
 
@@ -49,7 +49,7 @@ def test_a_cpu_pipeline_gets_no_graphs():
     pipe = tiny_sd()
     compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=True))
     state = pipe._onediffx_compile
-    assert state.graphed == {} and isinstance(pipe.unet.forward, CompiledForward)
+    assert state.graphed == {} and isinstance(pipe.unet.forward, CompiledHook)
     assert "_onediffx_pass_graphs" not in pipe.unet.__dict__
 
 

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import job_dirs, run_cli
-from onediffx.cli import CONF_DIR
+from onediffx.resources import conf_dir
 from onediffx.config import register_configs, validate
 from onediffx.launch import cache_status, startup_facts, startup_table
 
@@ -79,7 +79,7 @@ def test_startup_table_says_what_the_graph_cache_did():
 )
 def test_launcher_configs_compose(launcher, expected):
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("run", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert {k: cfg.hydra.launcher[k] for k in expected} == expected
 

@@ -16,9 +16,10 @@ from onediffx.lora.fuse import state_of
 from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sd, tiny_sdxl
 from onediffx.registry import get_stage
+from onediffx.resources import conf_dir
 from onediffx.stages.base import Assembly
 
-CONF_LORA = Path(__file__).resolve().parent.parent / "conf" / "lora"
+CONF_LORA = conf_dir() / "lora"
 
 
 def weights(pipe) -> dict:

@@ -30,7 +30,7 @@ def _image(asm) -> np.ndarray:
 def test_serves_regional_then_switches_to_the_background_graphs(compose_run, tmp_path):
     eager = _image(assemble(compose_run("compile=none")))
     asm = assemble(compose_run("compile=progressive", f"cache.dir={tmp_path}"))
-    pending = asm.state["progressive"]
+    pending = asm.progressive
     assert compile_state(asm.pipe).options.regional  # serving regional graphs while the rest compiles
     assert np.abs(_image(asm) - eager).max() <= 2
 
@@ -45,7 +45,7 @@ def test_serves_regional_then_switches_to_the_background_graphs(compose_run, tmp
     counters = compile_counters(asm.pipe)
     assert counters["graphs_compiled"] == 0 and counters["graphs_loaded"] == 2  # loaded, not compiled here
     assert np.abs(after - eager).max() <= 2
-    assert "progressive" not in asm.state
+    assert asm.progressive is None
 
     # a restart, in a fresh process: whole-component graphs from the cache, no background compile
     proc = run_cli("run", "compile=progressive", f"cache.dir={tmp_path}", f"hydra.run.dir={tmp_path / 'restart'}",
@@ -67,7 +67,7 @@ def test_what_progressive_needs_is_one_line(compose_run, override, needed):
 
 def test_interim_regions_are_the_blocks_the_pipeline_has():
     from onediffx.compile import compile_options
-    from onediffx.compile.progressive import interim_regions
+    from onediffx.stages.progressive import interim_regions
     from onediffx.models.tiny import tiny_sd
 
     options = compile_options("progressive")

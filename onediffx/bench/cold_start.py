@@ -1,8 +1,9 @@
 """Cold start and restart, each in a fresh process: onediffx's graph cache against plain Inductor.
 
-Four processes on empty caches of their own: onediffx cold (compiles, saves), onediffx restart
-(loads the graph cache), plain torch.compile cold, plain torch.compile restart (warm Inductor
-caches). "First image" is measured from the model being loaded to the first full image done; ``process_s``
+Five processes on empty caches of their own: onediffx cold (compiles, saves), onediffx restart
+(loads the graph cache) through the CLI and through the Python API (``compile_pipe`` +
+``load_pipe``, see ``library_start``), plain torch.compile cold, plain torch.compile restart (warm
+Inductor caches). "First image" is measured from the model being loaded to the first full image done; ``process_s``
 is the whole process, interpreter start to exit (imports, load, warm-up, images, writing outputs).
 """
 
@@ -65,11 +66,30 @@ def _onediffx(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str
     }
 
 
-def _peer(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:
+def _script(module: str, cfg: DictConfig, *extra: str) -> list[str]:
+    """``python -m <module>`` with the bench's model and call settings, as the bench scripts take them."""
     model = cfg.model
     source = ["--builtin", model.builtin] if model.builtin else ["--arch", model.arch]
-    cmd = [sys.executable, "-m", "onediffx.bench.peer_start", *source, "--height", str(cfg.height or model.height),
-           "--width", str(cfg.width or model.width), "--steps", str(cfg.steps or model.steps)]
+    return [sys.executable, "-m", module, *source, "--height", str(cfg.height or model.height),
+            "--width", str(cfg.width or model.width), "--steps", str(cfg.steps or model.steps), *extra]
+
+
+def _library(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:
+    """OneDiffX's restart snippet on the graphs the onediffx CLI rows saved (same Inductor folder)."""
+    cmd = _script("onediffx.bench.library_start", cfg, "--cache-dir", str(work / "graphs"),
+                  "--preset", cfg.bench.compile_preset)
+    proc, process_s = _timed_run(cmd, _env(work / "inductor-onediffx"), timeout)
+    if proc.returncode != 0:
+        return {"scenario": "cold_start", "method": label, "error": proc.stderr.strip().splitlines()[-1:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"scenario": "cold_start", "method": label, "load_s": round(result["load_s"], 2),
+            "first_image_s": round(result["first_image_s"], 2), "process_s": round(process_s, 2),
+            "graph_cache": "hit" if result["hit"] else "miss", "graphs_compiled": result["graphs_compiled"],
+            "stages_s": {"compile_pipe": round(result["compile_pipe_s"], 2), "load_pipe": round(result["load_pipe_s"], 2)}}
+
+
+def _peer(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:
+    cmd = _script("onediffx.bench.peer_start", cfg)
     proc, process_s = _timed_run(cmd, _env(work / "inductor-peer"), timeout)
     if proc.returncode != 0:
         return {"scenario": "cold_start", "method": label, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -79,13 +99,14 @@ def _peer(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, An
 
 
 def run_cold_start(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Rows for the four restarts; each process gets the bench's timeout."""
+    """Rows for the five restarts; each process gets the bench's timeout."""
     timeout = cfg.bench.cold_start_timeout
     with tempfile.TemporaryDirectory(prefix="onediffx-coldstart-") as tmp:
         work = Path(tmp)
         rows = [
             _onediffx(cfg, work, "onediffx cold (compile + save)", timeout),
             _onediffx(cfg, work, "onediffx restart (graph cache)", timeout),
+            _library(cfg, work, "onediffx library restart (compile_pipe + load_pipe)", timeout),
         ]
         if cfg.bench.peer_compile and cfg.bench.cold_start_peers:
             rows += [

@@ -11,16 +11,17 @@ of the two, so a slow first measurement never flatters the compiled rows.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..assembly import Assembly
 from ..compile import compile_options, compile_pipe
 from ..device import empty_cache
 from ..generate import Settings, generate
-from ..stages.base import Assembly
 from .measure import UNetProbe, matmul_peak_tflops, median_call, psnr, timed
 
 
@@ -29,7 +30,7 @@ def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s:
     result = median_call(lambda: generate(asm, settings), asm.device, cfg.bench.repeat)
     image = np.asarray(result["output"].images[0], dtype=np.float64)
     probe = UNetProbe(asm.pipe.unet)
-    generate(asm, Settings(**{**settings.__dict__, "steps": 1}))
+    generate(asm, replace(settings, steps=1))
     step = probe.step_seconds(asm.pipe.unet, asm.device, cfg.bench.unet_iters)
     return {
         "scenario": "steady", "method": name, "e2e_s": round(result["seconds"], 4),

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..generate import Settings
 from ..metrics import versions
 from ..models.loader import load_pipeline
-from ..stages.base import Assembly
+from ..assembly import Assembly
 
 log = logging.getLogger("onediffx.bench")
 

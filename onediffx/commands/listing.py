@@ -8,8 +8,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .. import stages as _builtin_stages  # noqa: F401  (registers the built-in stages)
-from ..plugins import first_party_plugins, installed_plugins, load_all_plugins
+from ..plugin_loader import first_party_plugins, installed_plugins, load_all_plugins
 from ..registry import BACKENDS, STAGES
+from ..resources import conf_dir
 
 
 def _group(conf_dir: Path, group: str) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def _first_comment(path: Path) -> str:
 
 def catalogue(conf_dir: Path) -> dict[str, dict[str, str]]:
     """Every selectable entry with a one-line description, by kind."""
-    from .. import compile as _backends  # noqa: F401  (registers the built-in backends)
+    from ..compile import backends  # noqa: F401  (registers the built-in backends)
 
     load_all_plugins()
     models = {
@@ -46,15 +47,13 @@ def catalogue(conf_dir: Path) -> dict[str, dict[str, str]]:
         "deepcache presets": {n: str(dict(c)) for n, c in _group(conf_dir, "deepcache").items()},
         "loras": loras,
         "launch presets": {p.stem: _first_comment(p) for p in sorted((conf_dir / "launch").glob("*.yaml"))},
-        "plugins": {**{n: "first-party (plugins/)" for n in first_party_plugins()},
+        "plugins": {**{n: "first-party (onediffx.plugins)" for n in first_party_plugins()},
                     **{n: f"entry point {ep.value}" for n, ep in installed_plugins().items()}},
     }
 
 
 def print_catalogue() -> dict[str, dict[str, str]]:
-    from ..cli import CONF_DIR
-
-    found = catalogue(CONF_DIR)
+    found = catalogue(conf_dir())
     for kind, entries in found.items():
         print(f"{kind}:")
         width = max((len(n) for n in entries), default=0)

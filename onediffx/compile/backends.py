@@ -13,6 +13,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ..hooks import DEEP_CACHE_DISPATCH, has_hook
 from ..registry import register_backend
 from .dispatch import CompiledForward
 from .regions import compile_regions, compile_regions_aot
@@ -42,14 +43,16 @@ def aot_capable(module: nn.Module, options: Any) -> bool:
     """Whether the module can be compiled into saveable graphs (else Dynamo's usual path is used).
 
     Regional compilation and Inductor's own CUDA graphs (``mode=reduce-overhead``) have no
-    saveable form here; DeepCache's step dispatcher replaces ``forward`` with Python control flow
-    that must stay outside the graph. (onediffx's ``cuda_graphs`` wrap saveable graphs instead.)
+    saveable form here; DeepCache's step dispatcher (asked of the module's hook registry) is Python
+    control flow that must stay outside the graph. A forward that something else installed on the
+    instance (a diffusers hook, a user's wrapper) would be bypassed by graphs of the class's
+    forward, so it keeps Dynamo's path too. (onediffx's ``cuda_graphs`` wrap saveable graphs instead.)
     """
     from diffusers.models.modeling_utils import ModelMixin
 
     if options.regional or inductor_options(options).get("triton.cudagraphs") or options.graph != "aot":
         return False
-    if "_onediffx_deep_cache" in module.__dict__ or "forward" in module.__dict__:
+    if has_hook(module, DEEP_CACHE_DISPATCH) or "forward" in vars(module):
         return False
     return isinstance(module, ModelMixin) or type(module).__module__.startswith("diffusers.")
 
@@ -72,7 +75,7 @@ def inductor(module: nn.Module, name: str, options: Any,
         return None
     if aot_capable(module, options):
         compiled = CompiledForward(module, kwargs, on_miss=on_miss, name=name)
-        module.forward = compiled
+        compiled.install()
         return compiled
     module.compile(fullgraph=options.fullgraph, **kwargs)
     return None

@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils._pytree import tree_map_only
 
+from ..hooks import CUDA_GRAPHS, ForwardHook, add_hook, remove_hook
 from .guards import describe
 
 log = logging.getLogger(__name__)
@@ -171,26 +172,31 @@ class CudaGraphs:
             log.warning("%s: not using a CUDA graph for this input: %s", self.name, why)
 
 
-class GraphedForward(CudaGraphs):
-    """``module.forward`` replaced by CUDA graphs over the forward it had (compiled or not)."""
+class GraphedForward(ForwardHook, CudaGraphs):
+    """CUDA graphs over the forward underneath (compiled or not), as the module's named hook.
+
+    Registered last on a component (``hooks.CUDA_GRAPHS``), so a capture runs everything below it,
+    the compiled graphs included. ``fn``, what is captured, always calls the forward the registry
+    has underneath this hook.
+    """
+
+    hook_name = CUDA_GRAPHS
 
     def __init__(self, module: torch.nn.Module, name: str) -> None:
-        super().__init__(module.forward, module, name)
-        self._own = module.__dict__.get("forward")
+        ForwardHook.__init__(self, module)
+        CudaGraphs.__init__(self, self._underneath, module, name)
         self.on_release: Optional[Callable[[], None]] = None
 
+    def _underneath(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
     def release(self) -> None:
-        """Remove the graphs and release the forward underneath (see ``CompiledForward.release``)."""
-        if self._own is None:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.forward = self._own
-        if hasattr(self._own, "release"):
-            self._own.release()
+        """Remove the graphs (their memory pool goes with them); the forward underneath stays."""
+        remove_hook(self.module, CUDA_GRAPHS)
         if self.on_release is not None:
             self.on_release()
 
-    def __reduce__(self):
+    def __reduce__(self):  # as ``CompiledHook.__reduce__``: reached from saved graphs' guard state
         return (str, (f"<onediffx CUDA graphs of {self.name}>",))
 
 
@@ -204,7 +210,5 @@ def mark_passes(module: torch.nn.Module, compile_kwargs: Optional[dict[str, Any]
 
 
 def graph_module(module: torch.nn.Module, name: str) -> GraphedForward:
-    """Install CUDA graphs over ``module.forward`` and return them."""
-    graphed = GraphedForward(module, name)
-    module.forward = graphed
-    return graphed
+    """Install CUDA graphs over ``module``'s forward, as its outermost hook, and return them."""
+    return add_hook(module, GraphedForward(module, name))

@@ -1,9 +1,9 @@
 """``CompiledForward``: a module's forward, compiled ahead of time once per input signature.
 
-It replaces ``module.forward`` on the instance, so the module object, its class and its
-parameters stay what diffusers and the user hold: ``load_state_dict`` or in-place LoRA fusing
-reaches the compiled graph (parameters are graph inputs, read at each call), and nothing
-recompiles. Each entry is one Dynamo graph captured with ``aot_compile`` and compiled by Inductor;
+It becomes the module's forward through a named hook (``CompiledHook``, ``hooks.COMPILED``), so
+the module object, its class and its parameters stay what diffusers and the user hold:
+``load_state_dict`` or in-place LoRA fusing reaches the compiled graph (parameters are graph
+inputs, read at each call), and nothing recompiles. Each entry is one Dynamo graph captured with ``aot_compile`` and compiled by Inductor;
 entries serialize (``torch.compiler.load_compiled_function``), which is what lets a new process
 skip Dynamo tracing and Inductor entirely. A call whose inputs match no entry (a new resolution)
 compiles one more entry, or runs eagerly when told to, and says so once.
@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..hooks import COMPILED, ForwardHook, add_hook, remove_hook
 from .guards import dispatch_key, portable_guards
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,13 @@ class CompiledForward:
 
     def __reduce__(self):
         # Dynamo pickles the module's attributes into a saved graph's guard state; this object
-        # (which holds other graphs' guard managers) is reached through ``module.forward`` and
-        # is not part of any guard, so it pickles as a marker.
+        # (which holds other graphs' guard managers) is reached through ``module.forward`` (its
+        # hook) and is not part of any guard, so it pickles as a marker.
         return (str, (f"<onediffx CompiledForward of {self.name}>",))
+
+    def install(self, module: Optional[nn.Module] = None) -> "CompiledHook":
+        """Make these graphs ``module``'s forward (this one's module by default) through its named hook."""
+        return add_hook(module if module is not None else self.module, CompiledHook(self, module))
 
     def release(self) -> None:
         """Hand the module back to Dynamo's usual path (``module.compile``) with the same options.
@@ -102,11 +107,15 @@ class CompiledForward:
         hooks): ahead-of-time graphs inlined the old forwards and would never see the hooks,
         whereas Dynamo traces them.
         """
-        self.module.__dict__.pop("forward", None)
-        kwargs = {k: v for k, v in self.compile_kwargs.items() if k != "fullgraph"}
-        self.module.compile(fullgraph=True, **kwargs)
+        self.to_dynamo(self.module)
         if self.on_release is not None:
             self.on_release(self)
+
+    def to_dynamo(self, module: nn.Module) -> None:
+        """Unhook ``module`` and compile it by Dynamo's usual path, with these graphs' options."""
+        remove_hook(module, COMPILED)
+        kwargs = {k: v for k, v in self.compile_kwargs.items() if k != "fullgraph"}
+        module.compile(fullgraph=True, **kwargs)
 
     # -- calling ---------------------------------------------------------------------------------
 
@@ -178,3 +187,32 @@ class CompiledForward:
             self.entries.append(entry)
             self.signatures.append(signature)
             self.unbound.append((entry, _portable(signature)))
+
+
+class CompiledHook(ForwardHook):
+    """``module``'s forward as a named hook: the graphs of ``compiled``, called with ``module``.
+
+    ``module`` is ``compiled``'s own module, or (regional compilation) a block of the same structure
+    sharing its graphs. One call, no wrapper frames: regions put this on every block.
+    """
+
+    hook_name = COMPILED
+
+    def __init__(self, compiled: CompiledForward, module: Optional[nn.Module] = None) -> None:
+        super().__init__(module if module is not None else compiled.module)
+        self.compiled = compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.compiled.call(self.module, args, kwargs)
+
+    def __reduce__(self):
+        # Dynamo pickles a module's callable attributes (its ``forward``: this hook) into a saved
+        # graph's guard state; no guard reads the hook, so it pickles as a marker.
+        return (str, (f"<onediffx compiled hook of {self.compiled.name}>",))
+
+    def release(self) -> None:
+        """Hand the module to Dynamo's usual path (see ``CompiledForward.release``)."""
+        if self.module is self.compiled.module:
+            self.compiled.release()
+        else:  # a region block sharing another block's graphs: the group stays saveable
+            self.compiled.to_dynamo(self.module)

@@ -14,17 +14,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from ..config.schema import CompileConfig
+from .config import CompileConfig
 from ..graph_cache import GraphCache, config_digest, environment_key
+from ..hooks import AHEAD_OF_TIME, DEEP_CACHE_DISPATCH, has_hook, remove_hook
 from ..registry import get_backend
+from . import preload
 from .backends import compile_kwargs, resolve_backend
 from .cuda_graphs import PASS_GRAPHS, GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 from .fused_qkv import fuse_qkv
+from .options import as_options, compile_options  # noqa: F401  (compile_options: re-exported)
 from .postprocess import pil_on_device
-from .regions import REGIONS, SharedForward
+from .regions import REGIONS
 
 log = logging.getLogger("onediffx.compile")
 
@@ -44,24 +47,6 @@ class CompileState:
     """Components compiled by Dynamo's usual path (saved as Inductor cache artifacts)."""
     graphed: dict[str, GraphedForward] = field(default_factory=dict)
     """Components whose forward replays CUDA graphs (``cuda_graphs``), by attribute path."""
-
-
-def compile_options(preset: str = "inductor", **overrides: Any) -> CompileConfig:
-    """The options of a ``conf/compile/<preset>.yaml`` preset, with ``overrides``, for Python callers."""
-    from ..cli import CONF_DIR
-
-    base = OmegaConf.merge(OmegaConf.structured(CompileConfig), OmegaConf.load(CONF_DIR / "compile" / f"{preset}.yaml"))
-    return replace(OmegaConf.to_object(base), **overrides)
-
-
-def _as_options(options: Any, backend: str) -> CompileConfig:
-    if options is None:
-        return compile_options("inductor" if backend != "none" else "none")
-    if isinstance(options, CompileConfig):
-        return options
-    if isinstance(options, (dict, DictConfig)):
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompileConfig), options))
-    raise TypeError(f"compile_pipe: options must be a CompileConfig, a dict or None, not {type(options).__name__}")
 
 
 def _find(pipe: Any, path: str) -> Optional[torch.nn.Module]:
@@ -106,13 +91,16 @@ def _prepare(pipe: Any, options: CompileConfig, device: torch.device) -> None:
 def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, on_miss: str = "compile") -> Any:
     """Compile the pipeline's heavy components in place and return the pipeline.
 
-    ``options`` is a ``CompileConfig`` (see ``compile_options``), a dict of its fields, or ``None``
-    for the ``inductor`` preset. Compilation happens at the first call for each input shape;
-    ``on_miss="eager"`` makes shapes beyond those already compiled (or loaded) run eagerly.
+    ``options`` is a ``CompileConfig`` (``compile_options("inductor", ...)``), OneDiffX's
+    ``compile_options`` object with attributes assigned, a dict of ``CompileConfig`` fields, or
+    ``None`` for the backend's preset (``inductor``). Compilation happens at the first call for
+    each input shape; ``on_miss="eager"`` makes shapes beyond those already compiled (or loaded)
+    run eagerly.
     """
+    preload.wait()  # never import the compiler's modules in two threads at once
     device = _device_of(pipe)
     backend = resolve_backend(backend, device)
-    options = _as_options(options, backend)
+    options = as_options(options, backend, stacklevel=3)  # a warning about ignored options points at the caller
     if compile_state(pipe) is not None:  # compiled before: back to eager forwards, then compile anew
         restore_eager(pipe)
     state = CompileState(backend=backend, options=options)
@@ -124,15 +112,16 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
         pil_on_device(pipe.image_processor)
     compile_fn = get_backend(backend)
     paths = list(options.components) + (list(TEXT_ENCODERS) if options.text_encoders else [])
-    deep_cached = type(pipe).__module__.startswith("onediffx.deep_cache")
     if options.regional and options.regions:
         _check_regions(pipe, paths, options.regions)
     for path in paths:
         module = _find(pipe, path)
         if module is None:
             continue
-        # DeepCache pipelines hook the UNet at call time; only Dynamo's path traces those hooks.
-        opts = replace(options, graph="dynamo") if deep_cached and path == "unet" else options
+        # DeepCache's replay hooks are already on the UNet's blocks: only Dynamo's path traces them.
+        # (A DeepCache pipeline not yet called has no hooks yet: its first call releases the UNet's
+        # whole-component graphs, and region graphs stay, under the replay hooks.)
+        opts = replace(options, graph="dynamo") if has_hook(module, DEEP_CACHE_DISPATCH) else options
         handle = compile_fn(module, path, opts, on_miss)
         if isinstance(handle, dict):  # ahead-of-time regions: one entry per block structure
             state.saveable.update({f"{path}.{block}": compiled for block, compiled in handle.items()})
@@ -158,20 +147,17 @@ def pipeline_modules(pipe: Any) -> list[torch.nn.Module]:
 
 
 def restore_eager(pipe: Any) -> int:
-    """Remove every forward ``compile_pipe`` installed (compiled, regional, CUDA-graphed, Dynamo's
-    ``module.compile``); return how many.
+    """Remove compile's named hooks (compiled, regional, CUDA-graphed) and Dynamo's
+    ``module.compile`` from every module of the pipeline; return how many were removed.
 
     Weights and layout changes (channels-last, fused projections, the VAE's dtype) stay: they are
-    what the next ``compile_pipe`` would make anyway. Forwards installed by others (DeepCache's
-    hooks) stay too. Dropping the CUDA-graph wrappers frees their memory pools.
+    what the next ``compile_pipe`` would make anyway. Hooks installed by others (DeepCache's) stay
+    too, in their order. Dropping the CUDA-graph hooks frees their memory pools.
     """
-    ours = (CompiledForward, GraphedForward, SharedForward)
     removed = 0
     for component in pipeline_modules(pipe):
         for module in component.modules():
-            if isinstance(module.__dict__.get("forward"), ours):
-                del module.__dict__["forward"]
-                removed += 1
+            removed += sum(remove_hook(module, name) for name in AHEAD_OF_TIME)  # outermost first
             if getattr(module, "_compiled_call_impl", None) is not None:  # ``module.compile()`` (Dynamo's path)
                 module._compiled_call_impl = None
                 removed += 1
@@ -201,11 +187,12 @@ def _add_cuda_graphs(state: CompileState, module: torch.nn.Module, path: str, op
     Ahead-of-time and regional forwards are plain Python over compiled code, so a graph can
     capture them whole. A module compiled by ``module.compile()`` is entered through Dynamo,
     which a graph wrapper would bypass; there only DeepCache's passes (compiled explicitly) are
-    captured, and Inductor's own ``mode=reduce-overhead`` remains for the rest.
+    captured, and Inductor's own ``mode=reduce-overhead`` remains for the rest. Under DeepCache's
+    dispatcher (asked of the registry) only the passes are captured, never the step dispatch.
     """
     regional = module.__dict__.get(REGIONS)
     mark_passes(module, None if regional else compile_kwargs(options))  # regions are compiled already
-    if handle is not None or regional:
+    if (handle is not None or regional) and not has_hook(module, DEEP_CACHE_DISPATCH):
         graphed = state.graphed[path] = graph_module(module, path)
         graphed.on_release = lambda: state.graphed.pop(path, None)
 
@@ -283,6 +270,7 @@ def load_pipe(pipe: Any, dir: str = "cached_pipe") -> dict[str, Any]:
     state = compile_state(pipe)
     if state is None or state.backend == "none":
         raise ValueError("load_pipe: call compile_pipe(pipe) first, with the options the graphs were saved with")
+    preload.wait()
     cache, found = GraphCache(dir), {}
     for path, compiled in state.saveable.items():
         loaded = cache.load(path, component_key(pipe, path, state))

@@ -12,7 +12,8 @@ Two ways to compile the regions, as for whole components (``compile.graph``):
   class shares the graph compiled for its shapes. Restarts re-trace from Inductor's caches.
 * ``aot``: blocks are grouped by ``structure_digest``; each group shares one ``CompiledForward``
   (ahead-of-time graphs that take the block as an argument and read its parameters at each call),
-  saved and loaded by the graph cache like a whole component, so restarts trace nothing.
+  saved and loaded by the graph cache like a whole component, so restarts trace nothing. Each
+  block's forward is a ``CompiledHook`` named ``hooks.COMPILED`` in its ``HookRegistry``.
 """
 
 from __future__ import annotations
@@ -79,20 +80,6 @@ def structure_digest(block: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class SharedForward:
-    """A block's ``forward``: the graphs of its structure group, called with this block."""
-
-    def __init__(self, shared: CompiledForward, block: nn.Module) -> None:
-        self.shared = shared
-        self.block = block
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.shared.call(self.block, args, kwargs)
-
-    def __reduce__(self):
-        return (str, (f"<onediffx shared forward of {self.shared.name}>",))
-
-
 def compile_regions_aot(module: nn.Module, names: list[str], kwargs: dict[str, Any], on_miss: str,
                         prefix: str) -> dict[str, CompiledForward]:
     """Ahead-of-time path: one ``CompiledForward`` per structure group, by its first block's path."""
@@ -106,7 +93,7 @@ def compile_regions_aot(module: nn.Module, names: list[str], kwargs: dict[str, A
         if shared is None:
             shared = groups[digest] = handles[path] = CompiledForward(block, kwargs, on_miss=on_miss, name=f"{prefix}.{path}")
             shared.digest = digest
-        block.forward = SharedForward(shared, block)
+        shared.install(block)  # the graphs of its structure group, called with this block
     if paths:
         module.__dict__[REGIONS] = len(paths)
     return handles

@@ -1,17 +1,22 @@
 """Structured configs: the types and defaults of every key ``conf/`` may set.
 
-Hydra merges ``conf/`` and the command line into these dataclasses, so a wrong type or an unknown
-key fails at composition with its key path. Ranges that types cannot express (steps > 0, sizes
+Hydra merges ``conf/`` and the command line into these dataclasses, so a wrong type, an unknown
+key or a value outside an Enum fails at composition with its key path. Each capability owns its
+group's dataclass (``compile.config``, ``deep_cache.config``); this module composes them. Ranges that types cannot express (steps > 0, sizes
 that are multiples of 8) are checked in ``onediffx.config.validate``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from ..compile.config import CompileConfig, OnMiss
+from ..deep_cache.config import DeepCacheConfig
 
 
 @dataclass
@@ -49,58 +54,6 @@ class ModelConfig:
 
 
 @dataclass
-class CompileConfig:
-    """How the heavy components are compiled (``compile=none|inductor|inductor_max|regional|auto``)."""
-
-    backend: str = "none"
-    mode: Optional[str] = None
-    fullgraph: bool = True
-    dynamic: Optional[bool] = False
-    regional: bool = False
-    regions: List[str] = field(default_factory=list)
-    """With ``regional``: class names of the blocks compiled one by one (shared by all blocks of a
-    shape), e.g. ``[BasicTransformerBlock, ResnetBlock2D]``; empty: diffusers' ``_repeated_blocks``."""
-    channels_last: bool = True
-    fuse_qkv: bool = False
-    """Attention computes q/k/v (or k/v) with one fused projection (diffusers' ``fuse_qkv_projections``);
-    LoRA fusing keeps the fused copy in sync."""
-    max_autotune: bool = False
-    cuda_graphs: bool = False
-    """On CUDA, replay each compiled forward (and each DeepCache pass, and the eager text encoders)
-    as one CUDA graph per input shape: no per-kernel launch cost. Parameters are read in place."""
-    components: List[str] = field(default_factory=lambda: ["unet", "transformer", "controlnet", "vae.decoder"])
-    text_encoders: bool = False
-    graph: str = "aot"
-    """``aot``: graphs captured ahead of time, saved and loaded by the graph cache without re-tracing;
-    ``dynamo``: torch.compile's usual lazy path (the graph cache then keeps Inductor's artifacts)."""
-    vae_dtype: Optional[str] = None
-    """Run the VAE in this dtype on CUDA (``bfloat16``: no fp32 upcast needed, about 3x faster decode)."""
-    progressive: bool = False
-    """On a graph-cache miss, serve from regional graphs (``regions``, default transformer and resnet
-    blocks) while a background process compiles the whole-component graphs into the cache; switch
-    to them when they land. Needs ``graph: aot``, ``cache.enabled`` and DeepCache off."""
-    pil_on_device: bool = True
-    """Convert decoded images to 8-bit on the device (bit-identical to diffusers' NumPy conversion;
-    saves a 12 MB copy and the CPU pass at the end of each call)."""
-    inductor: Dict[str, Any] = field(default_factory=dict)
-    """Extra Inductor config (``torch._inductor.config``) keys, e.g. ``conv_1x1_as_mm: true``."""
-
-
-@dataclass
-class DeepCacheConfig:
-    """Reuse deep UNet features across steps (``deepcache=off|i2|i3|i5``)."""
-
-    enabled: bool = False
-    cache_interval: int = 3
-    cache_layer_id: int = 0
-    cache_block_id: int = 0
-    cache_branch: int = 0
-    """SVD only: which skip branch keeps being recomputed."""
-    schedule: str = "uniform"
-    """``uniform`` (every ``cache_interval`` steps) or ``nonuniform`` (the paper's denser start)."""
-
-
-@dataclass
 class LoraEntry:
     """One LoRA in the stack; ``lora=[a,b]`` fuses entries in list order."""
 
@@ -129,6 +82,20 @@ class ShapeConfig:
     batch: int = 1
 
 
+class OnCacheHit(str, Enum):
+    """What warm-up does when every graph came from the cache (``warmup.on_cache_hit``)."""
+
+    skip = "skip"
+    run = "run"
+
+
+class OnBadLine(str, Enum):
+    """What a malformed line of a prompts file does (``on_bad_line``)."""
+
+    fail = "fail"
+    skip = "skip"
+
+
 @dataclass
 class WarmupConfig:
     """Calls made before timing, so compilation happens before the first measured image."""
@@ -137,9 +104,9 @@ class WarmupConfig:
     steps: int = 2
     shapes: List[ShapeConfig] = field(default_factory=list)
     """Resolutions to prepare; empty means the run's own resolution."""
-    unprepared: str = "compile"
+    unprepared: OnMiss = OnMiss.compile
     """What a shape outside ``shapes`` does: ``compile`` once, or run ``eager``."""
-    on_cache_hit: str = "skip"
+    on_cache_hit: OnCacheHit = OnCacheHit.skip
     """When every graph came from the cache: ``skip`` the warm-up (the first image pays library
     start-up and CUDA-graph capture, about 1.5 s for SDXL, instead of a whole extra call first), or
     ``run`` it (each prepared shape's first request is as fast as the next; launches use this)."""
@@ -174,7 +141,7 @@ class RunConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     stages: List[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     plugins: List[str] = field(default_factory=list)
-    """Plugins to load by name: a module in the repository's ``plugins/`` or an installed entry point."""
+    """Plugins to load by name: a module of ``onediffx.plugins`` (the repository's ``plugins/``) or an installed entry point."""
     plugin_options: Dict[str, Any] = field(default_factory=dict)
     """Options of plugin stages, one mapping per stage group (``plugin_options.vae_tiling.tile=512``)."""
 
@@ -201,7 +168,7 @@ class RunConfig:
     """A JSON-lines file, one prompt object a line; generates them all instead of ``prompt``."""
     resume: bool = False
     """Batch runs: continue the ``manifest.jsonl`` in the output folder, skipping prompts already done."""
-    on_bad_line: str = "fail"
+    on_bad_line: OnBadLine = OnBadLine.fail
     """Batch runs: a malformed line ``fail``s the run before anything loads, or is ``skip``ped with a warning."""
     startup_report: bool = False
     """Print the start-up time by stage, with compile and graph-cache status (launch presets set it)."""

@@ -43,7 +43,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first out-of-range value in a composed run config."""
     for key, value in _sizes(cfg):
         _size(key, value)
-    for key in ("steps", "num_images", "repeat", "model.steps", "deepcache.cache_interval", "warmup.steps"):
+    for key in ("steps", "num_images", "repeat", "model.steps", "warmup.steps"):
         _positive(key, _select(cfg, key))
     _check("warmup.runs", cfg.warmup.runs, lambda v: v >= 0, "an integer >= 0")
     for key in ("guidance", "model.guidance"):
@@ -53,11 +53,7 @@ def validate(cfg: DictConfig) -> None:
     _check("dtype", cfg.dtype, lambda v: v == "auto" or v in DTYPES, f"auto or one of {', '.join(DTYPES)}")
     _check("model.dtype", cfg.model.dtype, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
     _check("device", cfg.device, lambda v: bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps")
-    _check("warmup.unprepared", cfg.warmup.unprepared, lambda v: v in ("compile", "eager"), "compile or eager")
-    _check("warmup.on_cache_hit", cfg.warmup.on_cache_hit, lambda v: v in ("skip", "run"), "skip or run")
-    _check("deepcache.schedule", cfg.deepcache.schedule, lambda v: v in ("uniform", "nonuniform"), "uniform or nonuniform")
     # sweeps, batch prompts and launches
-    _check("on_bad_line", cfg.on_bad_line, lambda v: v in ("fail", "skip"), "fail or skip")
     _check("sweep.gpus", cfg.sweep.gpus, lambda v: v >= 0, "null or an integer >= 0 (0: no GPU pinning)")
     if cfg.resume and not cfg.prompts:
         raise ConfigError("resume: only batch runs resume; set prompts=<file.jsonl> or drop resume=true")

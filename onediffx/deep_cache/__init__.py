@@ -4,32 +4,19 @@
 ``pipe(prompt, cache_interval=3, cache_layer_id=0, cache_block_id=0)`` is OneDiffX's API; the
 ``deepcache`` stage applies the same to any supported pipeline from config. How the ids map to the
 ``DeepCache`` package's ``cache_branch_id`` is in ``layout``; how it composes with ``torch.compile``
-is in ``hook``.
+is in ``hook``. Attributes load on first use, so the config schema can use ``DeepCacheConfig``
+without importing diffusers.
 """
 
-from .hook import DeepCache, Schedule
-from .layout import helper_branch_id, pipeline_unet
-from .params import DeepCacheParams, deep_cache, disable_deep_cache, prepare
-from .pipelines import (
-    DeepCacheMixin,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    StableVideoDiffusionPipeline,
-    deep_cache_class,
-)
+from ..lazy_exports import lazy_getattr
 
-__all__ = [
-    "DeepCache",
-    "DeepCacheMixin",
-    "DeepCacheParams",
-    "Schedule",
-    "StableDiffusionPipeline",
-    "StableDiffusionXLPipeline",
-    "StableVideoDiffusionPipeline",
-    "deep_cache",
-    "deep_cache_class",
-    "disable_deep_cache",
-    "helper_branch_id",
-    "pipeline_unet",
-    "prepare",
-]
+_EXPORTS = {
+    "DeepCache": "hook", "Schedule": "hook",
+    "DeepCacheConfig": "config", "DeepCacheParams": "config",
+    "helper_branch_id": "layout", "pipeline_unet": "layout",
+    "deep_cache": "params", "disable_deep_cache": "params", "prepare": "params",
+    "DeepCacheMixin": "pipelines", "StableDiffusionPipeline": "pipelines", "StableDiffusionXLPipeline": "pipelines",
+    "StableVideoDiffusionPipeline": "pipelines", "deep_cache_class": "pipelines",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -6,10 +6,13 @@ Two kinds of hook, both on the unchanged diffusers modules:
   During a full pass it records the module's output; during a shallow pass it returns the recorded
   output instead of running. Everything else in ``UNet.forward`` (embeddings, ControlNet residuals,
   the shallow blocks) runs as diffusers wrote it.
-* ``DeepCache``, which replaces ``unet.forward`` with a dispatcher that counts steps and calls one
-  of two passes: ``full_pass(args, kwargs) -> (output, features)`` and
-  ``shallow_pass(features, args, kwargs) -> output``. The recorded features travel as plain
-  arguments and return values, never as state the passes read or write.
+* ``DeepCache``, the UNet's dispatcher hook (``hooks.DEEP_CACHE_DISPATCH``): it counts steps and
+  calls one of two passes over the forward underneath it: ``full_pass(args, kwargs) -> (output,
+  features)`` and ``shallow_pass(features, args, kwargs) -> output``. The recorded features travel
+  as plain arguments and return values, never as state the passes read or write.
+
+Both are named hooks in diffusers' ``HookRegistry``: compiling asks the registry whether DeepCache
+is on, and ``DeepCache.of(unet)`` is the dispatcher hook registered on the UNet.
 
 Why the split: the dispatcher holds the only per-step Python state (the step counter), and it is
 excluded from Dynamo (``torch.compiler.disable(recursive=False)``). So when the UNet is compiled
@@ -26,13 +29,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from torch import nn
 
+from ..hooks import (DEEP_CACHE_DISPATCH, DEEP_CACHE_REPLAY, ForwardHook, add_hook, get_hook, has_hook,
+                     release_ahead_of_time, remove_hook)
 from .layout import replay_plan
 from .schedule import SCHEDULES, full_steps
 
-HOOK_NAME = "onediffx_deep_cache"
+HOOK_NAME = DEEP_CACHE_REPLAY
 
 
 @dataclass(frozen=True)
@@ -75,14 +80,18 @@ class ReplayHook(ModelHook):
         return out
 
 
-class DeepCache:
+class DeepCache(ForwardHook):
     """DeepCache state of one UNet: its replay hooks, its dispatcher and the per-call step counter.
 
-    Hooks stay installed between pipeline calls (``start``/``stop`` only arm and disarm them) so that
-    compiled passes keep seeing the same modules and functions; ``detach`` removes everything.
+    The object is itself the dispatcher hook on the UNet (its ``__call__``). Hooks stay installed
+    between pipeline calls (``start``/``stop`` only arm and disarm them) so that compiled passes keep
+    seeing the same modules and functions; ``detach`` removes everything.
     """
 
+    hook_name = DEEP_CACHE_DISPATCH
+
     def __init__(self, unet: nn.Module) -> None:
+        super().__init__(unet)
         self.unet = unet
         self.tape = Tape()
         self.skip_index: Optional[int] = None
@@ -91,20 +100,15 @@ class DeepCache:
         self.step = 0
         self.features: Optional[dict[str, Any]] = None
         self._full: Optional[frozenset[int]] = None
-        self._inner_forward: Optional[Callable[..., Any]] = None
-        self._own_forward: Optional[Callable[..., Any]] = None
         self._hooked: list[nn.Module] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @classmethod
     def of(cls, unet: nn.Module) -> "DeepCache":
-        """The ``DeepCache`` attached to ``unet``, created (not yet configured) on first use."""
-        state = unet.__dict__.get("_onediffx_deep_cache")
-        if state is None:
-            state = cls(unet)
-            unet.__dict__["_onediffx_deep_cache"] = state
-        return state
+        """The ``DeepCache`` hooked on ``unet``, or a new one (not yet configured, so not yet hooked)."""
+        state = get_hook(unet, DEEP_CACHE_DISPATCH)
+        return state if state is not None else cls(unet)
 
     def configure(self, skip_index: int) -> None:
         """Install the hooks for branch ``skip_index`` (a no-op when they already are)."""
@@ -112,15 +116,11 @@ class DeepCache:
             return
         self._remove_replay_hooks()
         for key, module in replay_plan(self.unet, skip_index):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(ReplayHook(key, self.tape), HOOK_NAME)
+            add_hook(module, ReplayHook(key, self.tape), HOOK_NAME)
             self._hooked.append(module)
-        if self._inner_forward is None:
-            current = self.unet.__dict__.get("forward")
-            if hasattr(current, "release"):  # onediffx's ahead-of-time graphs cannot see replay hooks
-                current.release()
-            self._own_forward = self.unet.__dict__.get("forward")
-            self._inner_forward = self.unet.forward
-            self.unet.forward = self._dispatch
+        if not has_hook(self.unet, DEEP_CACHE_DISPATCH):
+            release_ahead_of_time(self.unet)  # onediffx's ahead-of-time graphs cannot see replay hooks
+            add_hook(self.unet, self)
         for graphs in (self.__dict__.get("full_pass"), self.__dict__.get("shallow_pass")):
             if graphs is not None:
                 graphs.reset()  # captured with the old hook layout
@@ -156,23 +156,21 @@ class DeepCache:
         self.step = 0
 
     def detach(self) -> None:
-        """Remove every hook and restore ``unet.forward``."""
+        """Remove every hook: the UNet's forward is again the one underneath the dispatcher."""
         self.stop()
         self._remove_replay_hooks()
-        if self._inner_forward is not None:
-            if self._own_forward is None:
-                self.unet.__dict__.pop("forward", None)
-            else:
-                self.unet.forward = self._own_forward
-            self._inner_forward = self._own_forward = None
+        remove_hook(self.unet, DEEP_CACHE_DISPATCH)
         self.skip_index = None
         self.__dict__.pop("full_pass", None)
         self.__dict__.pop("shallow_pass", None)
-        self.unet.__dict__.pop("_onediffx_deep_cache", None)
+
+    def release(self) -> None:
+        """As a hook taken off by name: the dispatcher never goes without its replay hooks."""
+        self.detach()
 
     def _remove_replay_hooks(self) -> None:
         for module in self._hooked:
-            module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+            remove_hook(module, HOOK_NAME)
         self._hooked = []
 
     # -- the passes -----------------------------------------------------------------------------
@@ -187,9 +185,10 @@ class DeepCache:
         return step in self._full
 
     @torch.compiler.disable(recursive=False)
-    def _dispatch(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The UNet's forward while hooked: the forward underneath, or one of the two passes."""
         if self.schedule is None:
-            return self._inner_forward(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
         step = self.step
         self.step += 1
         if self.features is None or self._is_full_step(step):
@@ -200,7 +199,7 @@ class DeepCache:
     def full_pass(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]]:
         """The UNet as diffusers runs it, also returning the outputs a shallow pass will replay."""
         self.tape.record = {}
-        out = self._inner_forward(*args, **kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
         features = self.tape.record
         self.tape.record = None
         return out, features
@@ -208,6 +207,6 @@ class DeepCache:
     def shallow_pass(self, features: dict[str, Any], args: tuple, kwargs: dict) -> Any:
         """The UNet with the deep modules replaced by ``features`` from the last full pass."""
         self.tape.replay = features
-        out = self._inner_forward(*args, **kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
         self.tape.replay = None
         return out

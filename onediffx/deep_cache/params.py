@@ -1,42 +1,21 @@
-"""DeepCache settings of one pipeline call, and turning them on for exactly that call."""
+"""Turning DeepCache on for exactly one call, with settings from ``config``."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from ..errors import ConfigError
+from ..hooks import DEEP_CACHE_DISPATCH, get_hook
+from .config import DeepCacheParams
 from .hook import DeepCache, Schedule
 from .layout import is_spatio_temporal, pipeline_unet, skip_index_from_branch, skip_index_from_layer_block
-from .schedule import SCHEDULES
 
 
-@dataclass(frozen=True)
-class DeepCacheParams:
-    """OneDiffX's call arguments: ``cache_layer_id``/``cache_block_id`` for 2-D UNets, ``cache_branch`` for SVD."""
-
-    cache_interval: int = 3
-    cache_layer_id: int = 0
-    cache_block_id: int = 0
-    cache_branch: int = 0
-    schedule: str = "uniform"
-
-    def validate(self, prefix: str = "") -> None:
-        """Checks that need no model; ``prefix`` names the keys as the user wrote them."""
-        if self.cache_interval < 1:
-            raise ConfigError(f"{prefix}cache_interval={self.cache_interval} must be >= 1 (1 disables caching)")
-        for key in ("cache_layer_id", "cache_block_id", "cache_branch"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be >= 0")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"{prefix}schedule={self.schedule!r} is not one of: {', '.join(SCHEDULES)}")
-
-    def skip_index(self, unet: Any, prefix: str = "") -> int:
-        """The branch as a skip index of this UNet (see ``layout``); ``ConfigError`` with the valid range."""
-        if is_spatio_temporal(unet):
-            return skip_index_from_branch(unet, self.cache_branch, prefix)
-        return skip_index_from_layer_block(unet, self.cache_layer_id, self.cache_block_id, prefix)
+def skip_index(params: DeepCacheParams, unet: Any, prefix: str = "") -> int:
+    """The branch as a skip index of this UNet (see ``layout``); ``ConfigError`` with the valid range."""
+    if is_spatio_temporal(unet):
+        return skip_index_from_branch(unet, params.cache_branch, prefix)
+    return skip_index_from_layer_block(unet, params.cache_layer_id, params.cache_block_id, prefix)
 
 
 def prepare(pipe: Any, params: DeepCacheParams, prefix: str = "") -> DeepCache:
@@ -44,7 +23,7 @@ def prepare(pipe: Any, params: DeepCacheParams, prefix: str = "") -> DeepCache:
     params.validate(prefix)
     unet = pipeline_unet(pipe)
     state = DeepCache.of(unet)
-    state.configure(params.skip_index(unet, prefix))
+    state.configure(skip_index(params, unet, prefix))
     return state
 
 
@@ -61,8 +40,7 @@ def deep_cache(pipe: Any, params: DeepCacheParams, prefix: str = "") -> Iterator
 
 def disable_deep_cache(pipe: Any) -> None:
     """Remove DeepCache's hooks from the pipeline's UNet (they are otherwise kept between calls)."""
-    unet = pipeline_unet(pipe)
-    state = unet.__dict__.get("_onediffx_deep_cache")
+    state = get_hook(pipeline_unet(pipe), DEEP_CACHE_DISPATCH)  # the DeepCache hooked on the UNet, if any
     if state is not None:
         state.detach()
 

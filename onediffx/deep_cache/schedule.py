@@ -11,11 +11,20 @@ real numbers.
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import Optional
 
 import numpy as np
 
-SCHEDULES = ("uniform", "nonuniform")
+
+class ScheduleKind(str, Enum):
+    """Which steps are full steps (``deepcache.schedule``, ``cache_schedule=``)."""
+
+    uniform = "uniform"
+    nonuniform = "nonuniform"
+
+
+SCHEDULES = tuple(kind.value for kind in ScheduleKind)
 
 
 def uniform(num_steps: int, interval: int) -> list[int]:

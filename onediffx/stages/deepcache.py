@@ -10,10 +10,11 @@ compile stage's warm-up already traces both the full and the shallow pass.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ..deep_cache import DeepCacheParams, deep_cache_class, prepare
+from ..deep_cache import DeepCacheConfig, DeepCacheParams, deep_cache_class, prepare
 from ..deep_cache.layout import replay_plan
+from ..deep_cache.schedule import ScheduleKind
 from ..registry import register_stage
 from .base import Assembly, Stage
 
@@ -22,11 +23,8 @@ PREFIX = "deepcache."
 
 def params_from_config(group: DictConfig) -> DeepCacheParams:
     """The call arguments that the ``deepcache`` group stands for."""
-    return DeepCacheParams(
-        cache_interval=int(group.cache_interval), cache_layer_id=int(group.cache_layer_id),
-        cache_block_id=int(group.cache_block_id), cache_branch=int(group.cache_branch),
-        schedule=str(group.schedule),
-    )
+    config: DeepCacheConfig = OmegaConf.to_object(group)
+    return config.params()
 
 
 @register_stage("deepcache")
@@ -46,7 +44,7 @@ class DeepCacheStage(Stage):
         asm.pipe.__class__ = deep_cache_class(type(asm.pipe))
         asm.pipe._deep_cache_defaults = params
         asm.note(
-            self.name, cache_interval=params.cache_interval, schedule=params.schedule,
+            self.name, cache_interval=params.cache_interval, schedule=ScheduleKind(params.schedule).value,
             skip_index=state.skip_index,
             replayed=[name for name, _ in replay_plan(state.unet, state.skip_index)],
         )

@@ -7,7 +7,8 @@ only what was compiled in this process (a miss, or a shape the cache did not hav
 
 from __future__ import annotations
 
-from ..compile import compile_state, load_pipe, progressive, save_pipe
+from ..compile import compile_state, load_pipe, save_pipe
+from . import progressive
 from ..registry import register_stage
 from .base import Assembly, Stage
 
@@ -36,7 +37,7 @@ class LoadGraphStage(Stage):
             asm.note(self.name, whole_component_hit=False)
             found = progressive.start(asm) or found  # {}: no blocks to serve from, compile whole now
         hit = _all_hit(found)
-        asm.state["graph_hit"] = hit
+        asm.graph_hit = hit
         stale = any(v.get("reason") in ("stale", "corrupt") for v in found.values())
         asm.note(self.name, hit=hit, stale=stale, dir=str(asm.cfg.cache.dir),
                  components={k: {"hit": v["hit"], "graphs": v.get("graphs", 0), "reason": v.get("reason")}
@@ -55,7 +56,7 @@ class SaveGraphStage(Stage):
     def apply(self, asm: Assembly) -> None:
         state = compile_state(asm.pipe)
         compiled_here = sum(c.compiles for c in state.saveable.values())
-        if asm.state.get("graph_hit") and not compiled_here:
+        if asm.graph_hit and not compiled_here:
             asm.note(self.name, saved=False, reason="all graphs came from the cache")
             return
         written = save_pipe(asm.pipe, asm.cfg.cache.dir, overwrite=False)

@@ -1,4 +1,4 @@
-"""``python -m onediffx.compile.background CONFIG``: assemble once to fill the graph cache, then exit.
+"""``python -m onediffx.stages.background CONFIG``: assemble once to fill the graph cache, then exit.
 
 Started by ``compile.progressive`` with a resolved run config; see ``progressive.py``.
 """
@@ -15,7 +15,7 @@ from ..resolver import assemble
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m onediffx.compile.background CONFIG.yaml", file=sys.stderr)
+        print("usage: python -m onediffx.stages.background CONFIG.yaml", file=sys.stderr)
         return 2
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(argv[0]))
     asm = assemble(cfg)

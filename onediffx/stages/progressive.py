@@ -7,10 +7,13 @@ once while a background process compiles the whole-component graphs into the cac
 call after they land switches to them (a cache load and one CUDA-graph capture, no compiling).
 Every later start hits the cache and runs the whole-component graphs from its first image.
 
-The background process is ``python -m onediffx.compile.background`` on this run's resolved config
+The background process is ``python -m onediffx.stages.background`` on this run's resolved config
 (LoRAs left out: compiled graphs read the weights, whatever they are). It writes only its own cache
 entries, atomically and under the cache's lock, so the two processes never see each other's
 half-written files.
+
+The ``load-graph`` stage calls ``start`` on a miss; ``start`` hangs ``switch_when_ready`` and
+``finish`` on the assembly's before-call and on-close hooks, so commands need not know about it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config.schema import CompileConfig
-from .pipe import compile_pipe, compile_state, load_pipe, pipeline_modules
+from ..assembly import Assembly
+from ..compile import compile_pipe, compile_state, load_pipe
+from ..compile.pipe import pipeline_modules
+from ..compile.config import CompileConfig
 
 log = logging.getLogger("onediffx.compile")
 
@@ -75,7 +80,7 @@ class Progressive:
         self.started = time.perf_counter()
         self.finished: Optional[float] = None
         with open(self.log_path, "w", encoding="utf-8") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "onediffx.compile.background", self.config_path],
+            self.proc = subprocess.Popen([sys.executable, "-m", "onediffx.stages.background", self.config_path],
                                          stdout=out, stderr=subprocess.STDOUT)
         log.warning("compile.progressive: serving from regional graphs; whole-component graphs compile in "
                     "process %d (log: %s)", self.proc.pid, self.log_path)
@@ -114,7 +119,7 @@ class Progressive:
         return {**self.facts(), "switched": True, "switch_s": round(time.perf_counter() - start, 2), "missed": missed}
 
 
-def start(asm: Any) -> dict[str, Any]:
+def start(asm: Assembly) -> dict[str, Any]:
     """After a cache miss: start the background compile, then recompile the pipeline regionally.
 
     Returns ``load_pipe``'s answer for the regional graphs (an earlier progressive start saved them),
@@ -127,27 +132,30 @@ def start(asm: Any) -> dict[str, Any]:
                     " or ".join(INTERIM_REGIONS))
         return {}
     on_miss = asm.cfg.warmup.unprepared
-    asm.state["progressive"] = Progressive(asm.cfg, state.backend, state.options, on_miss)
+    asm.progressive = Progressive(asm.cfg, state.backend, state.options, on_miss)
+    asm.add_before_call(switch_when_ready)
+    asm.add_on_close(finish)
     compile_pipe(asm.pipe, state.backend, interim_options(state.options, regions), on_miss=on_miss)
     return load_pipe(asm.pipe, asm.cfg.cache.dir)
 
 
-def switch_when_ready(asm: Any) -> bool:
+def switch_when_ready(asm: Assembly) -> bool:
     """Before a call: switch to the whole-component graphs if they have landed; True if it switched."""
-    progressive = asm.state.get("progressive")
+    progressive = asm.progressive
     if progressive is None or not progressive.ready():
         return False
-    del asm.state["progressive"]
+    asm.progressive = None
     asm.note("progressive", **progressive.switch(asm.pipe))
     return True
 
 
-def finish(asm: Any) -> None:
-    """At the end of a run: wait for the background compile, so the cache is complete and no process is left."""
-    progressive = asm.state.get("progressive")
+def finish(asm: Assembly) -> None:
+    """When the command is done: wait for the background compile, so the cache is complete and no process is left."""
+    progressive = asm.progressive
     if progressive is None:
         return
     if not progressive.ready():
         log.warning("compile.progressive: waiting for the whole-component graphs to be saved")
     code = progressive.wait()
+    asm.progressive = None
     asm.note("progressive", **progressive.facts(), switched=False, background_exit=code)

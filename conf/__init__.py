@@ -1,0 +1,1 @@
+"""onediffx's Hydra configs, shipped as package data (``onediffx.conf``); see ``onediffx.resources``."""
