@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -506,6 +505,7 @@ def test_lora_load_and_fuse_then_unfuse(compiled_sdxl, lora_files, sdxl_dir):
     assert all(torch.equal(value, before[key]) for key, value in weights(pipe).items())
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # diffusers' oracle loading two adapters
 def test_lora_adapters_set_fuse_and_delete(compiled_sdxl, lora_files, sdxl_dir):
     """Load two without fusing, ``set_and_fuse_adapters`` both (diffusers' ``set_adapters`` +
     ``fuse_lora``), ``delete_adapters`` one (exactly the other stays), then all (the base is back)."""
