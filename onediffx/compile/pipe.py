@@ -83,9 +83,21 @@ def _prepare(pipe: Any, options: CompileConfig, device: torch.device) -> None:
         if module is None:
             continue
         if options.channels_last:
-            module.to(memory_format=torch.channels_last)
+            to_channels_last(module)
         if options.fuse_qkv and hasattr(module, "fuse_qkv_projections"):
             fuse_qkv(module)
+
+
+def to_channels_last(module: torch.nn.Module) -> None:
+    """Channels-last for every 4-D weight, in place (``Parameter`` objects kept, so graphs and LoRA see them).
+
+    ``module.to(memory_format=channels_last)`` refuses a module holding any 5-D weight, and SVD's
+    UNet and VAE hold temporal ``Conv3d`` layers beside their 2-D ones; those are left as they are.
+    """
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() == 4:
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
 
 
 def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, on_miss: str = "compile") -> Any:
