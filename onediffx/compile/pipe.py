@@ -92,8 +92,14 @@ def to_channels_last(module: torch.nn.Module) -> None:
     """Channels-last for every 4-D weight, in place (``Parameter`` objects kept, so graphs and LoRA see them).
 
     ``module.to(memory_format=channels_last)`` refuses a module holding any 5-D weight, and SVD's
-    UNet and VAE hold temporal ``Conv3d`` layers beside their 2-D ones; those are left as they are.
+    UNet and VAE hold temporal ``Conv3d`` layers beside their 2-D ones: those modules get their 4-D
+    weights converted one by one and the 5-D ones left as they are. Every other module keeps
+    ``Module.to``, whose layouts the saved regional graphs were compiled for (converting weight by
+    weight there made regions of one structure compile a second graph).
     """
+    if all(p.dim() != 5 for p in module.parameters()):
+        module.to(memory_format=torch.channels_last)
+        return
     with torch.no_grad():
         for param in module.parameters():
             if param.dim() == 4:
