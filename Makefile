@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; a plain `torch` requirement would pull a CUDA build of several GB.
+# The CPU build of torch where a local wheel of it exists (this project's CI machines); a plain
+# `torch` requirement would pull a CUDA build of several GB. Elsewhere without a GPU:
+#   make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 # On a GPU machine: make TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
@@ -14,11 +16,17 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,sweep]"
-	touch $(STAMP)
+	@echo "set-up: virtualenv $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@echo "set-up: $(TORCH_SPEC)"
+	@$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	@$(PY) -c "import torch; gpu = torch.cuda.is_available(); build = 'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU'; \
+	  print(f'set-up: torch {torch.__version__} ({build} build; GPU visible: {gpu})'); \
+	  torch.version.cuda and not gpu and print('set-up: note: a CUDA build on a machine without a visible GPU; for the CPU build: make clean; make TORCH_SPEC=\"torch --index-url https://download.pytorch.org/whl/cpu\"')"
+	@echo "set-up: onediffx (editable) with its test, bench and sweep extras"
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[test,bench,sweep]"
+	@touch $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m onediffx run

@@ -19,6 +19,9 @@ def __getattr__(name: str) -> Any:
     if name not in _COMPILE_API:
         raise AttributeError(f"module 'onediffx' has no attribute {name!r}")
     from .compile import preload
+    from .requirements import check
+
+    check()  # an old torch or diffusers: one line naming it, not an error deep inside a compile
 
     preload.start()  # Inductor's import overlaps the weight loading that follows in a user's script
     return getattr(importlib.import_module("onediffx.compile"), name)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from .commands.outputs import job_facts, print_startup
+from .commands.outputs import job_facts, print_startup, say_done
 from .device import peak_memory_gib, reset_peak_memory
 from .errors import ConfigError, NotAvailableError, NotFoundError
 from .generate import Settings, generate
@@ -298,4 +298,5 @@ def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "versions": versions(),
     }
     write_json(out_dir / "metrics.json", metrics)
+    say_done(out_dir, [item.file for item in todo], median)
     return metrics

@@ -7,8 +7,11 @@ and exit non-zero; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,8 +22,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import register_configs
+from .config import register_configs, validate
 from .errors import OnediffxError
+from .requirements import check as check_requirements
 from .resources import conf_dir
 
 # transformers warns at import about optional image backends; users of a CLI cannot act on that.
@@ -67,13 +71,50 @@ def report(err: OnediffxError) -> None:
     print(f"onediffx: error: {err}", file=sys.stderr, flush=True)
 
 
-def guarded(job: Callable[[DictConfig, Path], dict]) -> Callable[[DictConfig], dict]:
-    """Wrap a job so a user error is one line: exit code in a single run, a failed row in a sweep."""
+JOBS = {"run": ("onediffx.commands.run", "run_job"), "bench": ("onediffx.commands.bench", "bench_job")}
+"""Each Hydra command's job, imported only after its config has composed and validated."""
+PRODUCED_NOTHING = {".hydra", "config.yaml"}
+
+
+def quiet_third_party() -> None:
+    """Silence warnings a CLI user cannot act on (deprecations inside diffusers, hub notices).
+
+    Environment variables, so launcher workers and background compiles are quiet too; the user's
+    ``HYDRA_FULL_ERROR=1`` (or ``ONEDIFFX_VERBOSE=1``) keeps everything.
+    """
+    if USER_FULL_ERROR or os.environ.get("ONEDIFFX_VERBOSE") == "1":
+        return
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+
+def discard_if_empty(out_dir: Path) -> None:
+    """A run that failed before producing anything leaves no folder (only what Hydra and we wrote first)."""
+    if not out_dir.is_dir() or out_dir.resolve() == Path.cwd().resolve():
+        return
+    entries = {p.name for p in out_dir.iterdir()}
+    log = out_dir / "onediffx.log"
+    if log.is_file() and log.stat().st_size == 0:
+        entries.discard(log.name)
+    if not entries <= PRODUCED_NOTHING:
+        return
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def guarded(command: str) -> Callable[[DictConfig], dict]:
+    """The Hydra task of ``command``: validate first, then run; a user error is one line (an exit
+    code in a single run, a failed row in a sweep)."""
 
     def task(cfg: DictConfig) -> dict:
         hydra_cfg = HydraConfig.get()
         out_dir = Path(hydra_cfg.runtime.output_dir)
         try:
+            validate(cfg)  # before torch or diffusers is imported: a typo costs a fraction of a second
+            module, name = JOBS[command]
+            job: Callable[[DictConfig, Path], dict] = getattr(importlib.import_module(module), name)
             return job(cfg, out_dir)
         except OnediffxError as err:
             if full_error():
@@ -85,16 +126,17 @@ def guarded(job: Callable[[DictConfig, Path], dict]) -> Callable[[DictConfig], d
                 failed = {"status": "failed", "error": str(err), "error_type": type(err).__name__}
                 write_json(out_dir / "metrics.json", failed)
                 return failed
+            discard_if_empty(out_dir)
             sys.exit(err.exit_code)
 
     return task
 
 
-def hydra_app(config_name: str, job: Callable[[DictConfig, Path], dict], argv: list[str]) -> None:
-    """Run ``job`` as a Hydra app over ``conf/<config_name>.yaml`` with ``argv`` as overrides."""
+def hydra_app(command: str, argv: list[str]) -> None:
+    """Run ``command`` as a Hydra app over ``conf/<command>.yaml`` with ``argv`` as overrides."""
     register_configs()
-    sys.argv = [f"onediffx {config_name}", *argv]
-    main = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(guarded(job))
+    sys.argv = [f"onediffx {command}", *argv]
+    main = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(guarded(command))
     os.environ.setdefault("ONEDIFFX_FULL_ERROR", "1" if USER_FULL_ERROR else "0")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us, to be printed in one line
     try:
@@ -104,6 +146,12 @@ def hydra_app(config_name: str, job: Callable[[DictConfig, Path], dict], argv: l
             raise
         print(f"onediffx: error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    from .sweep.outcome import OUTCOME
+
+    if OUTCOME.jobs and OUTCOME.failed == OUTCOME.jobs:  # a sweep in which nothing worked is a failure
+        print(f"onediffx: error: all {OUTCOME.jobs} jobs of the sweep failed; see {OUTCOME.summary}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,18 +160,18 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "run":
-        from .commands.run import run_job
-
-        hydra_app("run", run_job, rest)
+    quiet_third_party()
+    try:
+        check_requirements()
+    except OnediffxError as err:
+        report(err)
+        sys.exit(err.exit_code)
+    if command in JOBS:
+        hydra_app(command, rest)
     elif command == "list":
         from .commands.listing import print_catalogue
 
         print_catalogue()
-    elif command == "bench":
-        from .commands.bench import bench_job
-
-        hydra_app("bench", bench_job, rest)
     else:
         print(f"onediffx: error: unknown command {command!r}; commands: run, list, bench", file=sys.stderr)
         sys.exit(2)

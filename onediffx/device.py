@@ -7,14 +7,28 @@ import sys
 
 import torch
 
+from .errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    """``auto`` is the first CUDA device when there is one, else the CPU; a device this torch cannot
+    use is a ``ConfigError`` now, not an assertion deep inside the model load."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+            raise ConfigError(f"device: {name!r} is not available (torch {torch.__version__} is {build}); "
+                              "use device=auto or device=cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
+                              "GPU(s), cuda:0 to cuda:" + str(torch.cuda.device_count() - 1))
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device: 'mps' is not available on this machine; use device=auto or device=cpu")
+    return device
 
 
 def resolve_dtype(name: str, model_dtype: str, device: torch.device) -> torch.dtype:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import job_dirs, run_cli
@@ -67,3 +72,47 @@ def test_list_shows_models_stages_and_backends(tmp_path):
     for word in ("models:", "sdxl", "svd_xt", "controlnet_sd15", "stages:", "lora-fuse", "vae-tiling",
                  "compile backends:", "loras:"):
         assert word in proc.stdout
+
+
+def test_a_run_ends_with_a_line_naming_its_folder(tmp_path):
+    proc = run_cli("run", "steps=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("onediffx: wrote image_000_seed0.png, metrics.json to /") and "s per image" in last
+    folder = Path(last.split(" to ", 1)[1].rsplit(" (", 1)[0])
+    assert (folder / "image_000_seed0.png").is_file() and (folder / "metrics.json").is_file()
+    assert not (folder / "onediffx.log").exists()  # nothing was logged: no empty log file
+
+
+def test_a_config_error_imports_neither_torch_nor_diffusers_and_leaves_no_folder(tmp_path):
+    """Checked in the process itself (its sys.modules), not with a timer."""
+    script = ("import sys\nfrom onediffx.cli import main\ntry:\n    main(sys.argv[1:])\n"
+              "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules, 'diffusers' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, "-c", script, "run", "steps=0", "hydra.run.dir=out"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "EXIT 2 False False", proc.stderr
+    assert "steps: 0 is not allowed" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_on_a_cpu_torch_is_one_line(tmp_path):
+    proc = run_cli("run", "device=cuda", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("onediffx: error: device: 'cuda' is not available")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_whose_jobs_all_fail_exits_nonzero(tmp_path):
+    proc = run_cli("run", "-m", "steps=0,-1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "onediffx: error: all 2 jobs of the sweep failed" in proc.stderr
+
+
+def test_run_help_is_short_and_lists_groups(tmp_path):
+    proc = run_cli("run", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) < 40 and any(l.startswith("model: ") and "tiny_xl" in l for l in lines)
+    assert any("onediffx run -m" in l for l in lines)

@@ -307,7 +307,7 @@ def test_lora_fuse_while_deep_cache_is_on(tmp_path):
     diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers)
 
     def fuse(pipe):
-        pipe.load_lora_weights(tmp_path)
+        pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
         pipe.fuse_lora()
         pipe.unload_lora_weights()
 

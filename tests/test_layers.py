@@ -19,7 +19,7 @@ STAGES = ("onediffx.stages", "onediffx.resolver", "onediffx.assembly", "onediffx
 LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.quantize", "onediffx.graph_cache",
            "onediffx.models", "onediffx.config", "onediffx.device", "onediffx.errors", "onediffx.metrics",
            "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.lazy_exports",
-           "onediffx.plugin_loader")
+           "onediffx.plugin_loader", "onediffx.requirements")
 
 
 def _module_name(path: Path) -> str:

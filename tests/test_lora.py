@@ -92,7 +92,7 @@ def write_diffusers_peft(pipe, path):
         part[f"{module}.lora_A.weight"], part[f"{module}.lora_B.weight"] = layer.down, layer.up
     for component, part in per_component.items():
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in part})
-        metadata[component] = {"r": 4, "lora_alpha": 8, "target_modules": modules,
+        metadata[component] = {"r": 4, "lora_alpha": 8, "target_modules": modules, "rank_pattern": {},
                                "alpha_pattern": {"attn2.to_k": 2} if component == "unet" else {}}
     type(pipe).save_lora_weights(
         path.parent, unet_lora_layers=per_component["unet"], text_encoder_lora_layers=per_component["text_encoder"],
@@ -134,14 +134,15 @@ FORMATS = {
 def diffusers_fuse(pipe, source, peft_config, scale):
     """The oracle: diffusers (PEFT backend) loads, fuses at ``scale`` and drops its LoRA layers."""
     if peft_config is None:
-        pipe.load_lora_weights(str(source))
+        pipe.load_lora_weights(str(source.parent), weight_name=source.name)
         pipe.fuse_lora(lora_scale=scale)
     else:  # a bare PEFT adapter: diffusers loads it into the UNet it was made for
         from safetensors.torch import load_file
 
         state_dict = {k.removeprefix("base_model.model."): v
                       for k, v in load_file(str(source / "adapter_model.safetensors")).items()}
-        pipe.unet.load_lora_adapter(state_dict, prefix=None, metadata=peft_config)
+        metadata = {"rank_pattern": {}, "alpha_pattern": {}, **peft_config}  # as adapter_config.json has them
+        pipe.unet.load_lora_adapter(state_dict, prefix=None, metadata=metadata)
         pipe.fuse_lora(components=["unet"], lora_scale=scale)
     pipe.unload_lora_weights()
 
@@ -185,7 +186,7 @@ def test_several_adapters_match_diffusers_set_adapters(tmp_path):
     }
     names, scales = ["a", "b", "c"], [0.5, 1.0, -0.7]
     for name, path in files.items():
-        theirs.load_lora_weights(str(path), adapter_name=name)
+        theirs.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         lora.load_lora_and_optionally_fuse(ours, str(path), name, fuse=False)
     theirs.set_adapters(names, scales)
     theirs.fuse_lora()
@@ -208,7 +209,7 @@ def test_adapters_at_one_coefficient_are_one_matmul_and_match_diffusers(tmp_path
     for rank, name in enumerate(names, start=2):  # ranks 2, 3, 4, all with alpha = rank / 2
         path = save_kohya(random_lora(targets, rank, seed=50 + rank, alpha=lambda key, r: r / 2),
                           tmp_path / f"{name}.safetensors", sgm_layers_per_block=ours.unet.config.layers_per_block)
-        theirs.load_lora_weights(str(path), adapter_name=name)
+        theirs.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         lora.load_lora_and_optionally_fuse(ours, str(path), name, fuse=False)
     matmuls, products = [], fuse._products
 

@@ -49,7 +49,7 @@ def test_reading_gives_what_safetensors_gives(device, tmp_path, monkeypatch):
     path = _mixed(tmp_path)
     expected = load_file(str(path))
     got, metadata = sources._read_safetensors(path, torch.device(device))
-    assert metadata == {"format": "pt"} and list(got) == list(expected)
+    assert metadata == {"format": "pt"} and sorted(got) == sorted(expected)  # safetensors < 0.6 lists keys by name
     for key, tensor in expected.items():
         want_device = "cpu" if tensor.numel() == 1 else device  # .item() of an alpha must not wait for a GPU
         assert got[key].device.type == want_device and got[key].dtype == tensor.dtype, key

@@ -18,9 +18,23 @@ def _group(conf_dir: Path, group: str) -> dict[str, Any]:
     return {p.stem: OmegaConf.load(p) for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
-def _first_comment(path: Path) -> str:
-    lines = [l[2:].strip() for l in path.read_text(encoding="utf-8").splitlines() if l.startswith("# ")]
-    return next((l for l in lines if not l.startswith("@package")), "")
+def _description(path: Path, width: int = 110) -> str:
+    """The first sentence of a config file's leading comment block (what ``list`` shows for a preset)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text and not text.startswith("@package"):
+            lines.append(text)
+    text = " ".join(lines)
+    end = text.find(". ")
+    text = text if end < 0 else text[: end + 1]
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def _descriptions(conf_dir: Path, group: str) -> dict[str, str]:
+    return {p.stem: _description(p) for p in sorted((conf_dir / group).glob("*.yaml"))}
 
 
 def catalogue(conf_dir: Path) -> dict[str, dict[str, str]]:
@@ -43,10 +57,10 @@ def catalogue(conf_dir: Path) -> dict[str, dict[str, str]]:
         "models": models,
         "stages": stages,
         "compile backends": {name: (fn.__doc__ or "").strip().split("\n")[0] for name, fn in BACKENDS.items()},
-        "compile presets": {n: str(dict(c)) for n, c in _group(conf_dir, "compile").items()},
-        "deepcache presets": {n: str(dict(c)) for n, c in _group(conf_dir, "deepcache").items()},
+        "compile presets": _descriptions(conf_dir, "compile"),
+        "deepcache presets": _descriptions(conf_dir, "deepcache"),
         "loras": loras,
-        "launch presets": {p.stem: _first_comment(p) for p in sorted((conf_dir / "launch").glob("*.yaml"))},
+        "launch presets": _descriptions(conf_dir, "launch"),
         "plugins": {**{n: "first-party (onediffx.plugins)" for n in first_party_plugins()},
                     **{n: f"entry point {ep.value}" for n, ep in installed_plugins().items()}},
     }

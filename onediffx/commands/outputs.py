@@ -70,3 +70,10 @@ def print_startup(cfg: DictConfig, asm: Assembly, first_image_s: Optional[float]
     title = f"start-up{f' of launch {choice}' if choice else ''}: model {cfg.model.name} on {asm.device}"
     print(startup_table(asm.report, backend=cfg.compile.backend, cache_dir=cfg.cache.dir, title=title,
                         first_image_s=first_image_s), flush=True)
+
+
+def say_done(out_dir: Path, files: list[str], latency_per_image_s: float) -> None:
+    """The closing line of a run: where its files went (absolute), and how fast it was."""
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    print(f"onediffx: wrote {shown}, metrics.json to {out_dir.resolve()} ({latency_per_image_s:.2f} s per image)",
+          flush=True)

@@ -13,7 +13,7 @@ from ..generate import Settings, generate
 from ..metrics import latency_summary, versions, write_json
 from ..resolver import assemble
 from ..sweep.gpus import job_device
-from .outputs import image_records, job_facts, print_startup, save_outputs
+from .outputs import image_records, job_facts, print_startup, save_outputs, say_done
 
 
 def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -50,4 +50,5 @@ def _run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "versions": versions(),
     }
     write_json(out_dir / "metrics.json", metrics)
+    say_done(out_dir, files, metrics["latency_per_image_s"])
     return metrics

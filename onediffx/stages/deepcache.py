@@ -29,6 +29,8 @@ def params_from_config(group: DictConfig) -> DeepCacheParams:
 
 @register_stage("deepcache")
 class DeepCacheStage(Stage):
+    """Reuse deep UNet features across steps (DeepCache) on any supported pipeline, from ``deepcache``."""
+
     group = "deepcache"
 
     def check(self, cfg: DictConfig) -> None:

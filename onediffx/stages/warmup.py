@@ -26,6 +26,8 @@ def warmup_settings(asm: Assembly) -> list[Settings]:
 
 @register_stage("warmup")
 class WarmupStage(Stage):
+    """Run every prepared shape once before timing, so compiling happens before the first measured image."""
+
     group = "warmup"
 
     def enabled(self, asm: Assembly) -> bool:

@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import OnediffxError
+from .outcome import OUTCOME
 
 
 class SweepSummary(Callback):
@@ -49,6 +50,11 @@ class SweepSummary(Callback):
         job_return.return_value = failed
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .summary import read_jobs
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = read_jobs(sweep_dir)
+        OUTCOME.jobs, OUTCOME.failed, OUTCOME.summary = len(rows), sum(not r.ok for r in rows), sweep_dir
         if not OmegaConf.select(config, "sweep.summary", default=True):
             return
         try:  # the summary's libraries come with the `sweep` extra
@@ -60,9 +66,9 @@ class SweepSummary(Callback):
             return
         from .report import write_summary
 
-        sweep_dir = Path(config.hydra.sweep.dir)
         summary = write_summary(sweep_dir, OmegaConf.select(config, "sweep.baseline"))
         for note in summary.notes:
             print(f"onediffx: warning: {note}", file=sys.stderr, flush=True)
         failed = sum(not r.ok for r in summary.rows)
+        OUTCOME.summary = sweep_dir / "summary.md"
         print(f"sweep summary: {sweep_dir / 'summary.md'} ({len(summary.rows)} jobs, {failed} failed)", flush=True)
