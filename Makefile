@@ -1,6 +1,7 @@
 # make run: set up .venv (once) and run the default job on the built-in tiny model.
 # make test: same set-up, then the whole test suite.
 # make wheel-check: build the wheel, install it in a fresh venv, use it from an empty folder.
+# make test-compat: a fast subset on the declared minimum versions, in a fresh venv.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup clean bench-gpu wheel-check
+.PHONY: run test setup clean bench-gpu wheel-check test-compat
 
 setup: $(STAMP)
 
@@ -36,6 +37,9 @@ test: $(STAMP)
 
 wheel-check: $(STAMP)
 	TORCH_SPEC="$(TORCH_SPEC)" .ci/wheel-check $(PY)
+
+test-compat:
+	TORCH_SPEC="$(TORCH_SPEC)" .ci/compat-check $(PYTHON)
 
 clean:
 	rm -rf $(VENV) outputs

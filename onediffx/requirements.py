@@ -16,8 +16,11 @@ from packaging.version import Version
 
 from .errors import OnediffxError
 
-MINIMUMS = {"torch": "2.11", "diffusers": "0.42", "transformers": "5.0", "peft": "0.17", "hydra-core": "1.3.2",
-            "omegaconf": "2.3"}
+MINIMUMS = {"torch": "2.11", "diffusers": "0.35", "transformers": "4.44", "peft": "0.17", "safetensors": "0.4.1",
+            "hydra-core": "1.3.2", "omegaconf": "2.3"}
+PAIRS = [("transformers", "5", "peft", "0.18")]
+"""``(a, from, b, needs)``: with ``a >= from`` installed, ``b`` must be ``>= needs`` (pip does not know:
+peft 0.17 imports what transformers 5 removed; peft 0.18 needs transformers 5's modules)."""
 
 
 class RequirementError(OnediffxError, ImportError):
@@ -35,6 +38,24 @@ def problems(minimums: Optional[dict[str, str]] = None) -> list[str]:
             continue
         if Version(installed).release < Version(minimum).release:
             found.append(f"{name} {installed} is older than {minimum}")
+    if minimums is None:
+        found += _pair_problems()
+    return found
+
+
+def _installed(name: str) -> Optional[Version]:
+    try:
+        return Version(version(name))
+    except PackageNotFoundError:
+        return None
+
+
+def _pair_problems() -> list[str]:
+    found = []
+    for first, since, second, needs in PAIRS:
+        a, b = _installed(first), _installed(second)
+        if a and b and a.release >= Version(since).release and b.release < Version(needs).release:
+            found.append(f"{second} {b} is older than {needs}, which {first} {a} needs")
     return found
 
 
@@ -43,5 +64,6 @@ def check() -> None:
     """Raise ``RequirementError`` naming every package below its minimum; cached, so it runs once."""
     found = problems()
     if found:
-        pins = " ".join(f"'{n}>={MINIMUMS[n]}'" for n in MINIMUMS if any(p.startswith(n + " ") for p in found))
+        needs = {**MINIMUMS, **{second: need for _, _, second, need in PAIRS}}
+        pins = " ".join(f"'{n}>={needs[n]}'" for n in needs if any(p.startswith(n + " ") for p in found))
         raise RequirementError(f"onediffx needs newer packages: {'; '.join(found)}; pip install -U {pins}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 from onediffx import requirements
 from onediffx.errors import OnediffxError
@@ -41,3 +42,12 @@ def test_pyproject_declares_the_same_minimums():
         declared[req.name] = lower[0] if lower else None
     for name, minimum in requirements.MINIMUMS.items():
         assert declared.get(name) == minimum, (name, declared.get(name), minimum)
+
+
+def test_a_pair_pip_does_not_know_is_checked(monkeypatch):
+    """peft 0.17 with transformers 5 fails on import inside diffusers; say so up front."""
+    versions = {"transformers": "5.1.0", "peft": "0.17.1"}
+    monkeypatch.setattr(requirements, "_installed", lambda name: Version(versions[name]) if name in versions else None)
+    assert requirements._pair_problems() == ["peft 0.17.1 is older than 0.18, which transformers 5.1.0 needs"]
+    versions["transformers"] = "4.57.0"
+    assert requirements._pair_problems() == []
