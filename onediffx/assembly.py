@@ -9,10 +9,12 @@ and never need to know which stage asked for them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # for the annotations only: building the stage registry should not import torch
+    import torch
 
 Hook = Callable[["Assembly"], None]
 

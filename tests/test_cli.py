@@ -96,6 +96,16 @@ def test_a_config_error_imports_neither_torch_nor_diffusers_and_leaves_no_folder
     assert not (tmp_path / "out").exists()
 
 
+def test_list_does_not_import_diffusers(tmp_path):
+    """Building the registry of stages and backends imports no model code (`onediffx list` in about 2 s)."""
+    script = ("import sys\nfrom onediffx.cli import main\nmain(['list'])\n"
+              "print('DIFFUSERS', 'diffusers' in sys.modules, 'transformers' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "vae-tiling" in proc.stdout and "inductor" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "DIFFUSERS False False"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_cuda_on_a_cpu_torch_is_one_line(tmp_path):
     proc = run_cli("run", "device=cuda", "hydra.run.dir=out", cwd=tmp_path)

@@ -8,15 +8,14 @@ register more (``plugins/onediff.py``).
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import nn
 
-from ..hooks import DEEP_CACHE_DISPATCH, has_hook
 from ..registry import register_backend
-from .dispatch import CompiledForward
-from .regions import compile_regions, compile_regions_aot
+if TYPE_CHECKING:
+    from .dispatch import CompiledForward
 
 
 def inductor_options(options: Any) -> dict[str, Any]:
@@ -52,6 +51,8 @@ def aot_capable(module: nn.Module, options: Any) -> bool:
 
     if options.regional or inductor_options(options).get("triton.cudagraphs") or options.graph != "aot":
         return False
+    from ..hooks import DEEP_CACHE_DISPATCH, has_hook
+
     if has_hook(module, DEEP_CACHE_DISPATCH) or "forward" in vars(module):
         return False
     return isinstance(module, ModelMixin) or type(module).__module__.startswith("diffusers.")
@@ -65,6 +66,10 @@ def inductor(module: nn.Module, name: str, options: Any,
     Regional compilation returns the saveable graphs of each block structure by block path (see
     ``regions.py``); a component with no matching block is compiled whole.
     """
+    # Imported here: listing the backends (``onediffx list``) should not import diffusers' hooks.
+    from .dispatch import CompiledForward
+    from .regions import compile_regions, compile_regions_aot
+
     kwargs = compile_kwargs(options)
     names = (options.regions or getattr(module, "_repeated_blocks", None) or []) if options.regional else []
     if names and options.graph == "aot" and not kwargs["options"].get("triton.cudagraphs"):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..compile import compile_pipe
-from ..compile.backends import resolve_backend
 from ..compile.config import CompileConfig
 from ..errors import ConfigError
 from ..registry import get_backend, register_stage
@@ -36,9 +34,14 @@ class CompileStage(Stage):
                                   "saveable whole-component graphs compile into the cache)")
 
     def enabled(self, asm: Assembly) -> bool:
+        from ..compile.backends import resolve_backend
+
         return resolve_backend(asm.cfg.compile.backend, asm.device) != "none"
 
     def apply(self, asm: Assembly) -> None:
+        from ..compile import compile_pipe
+        from ..compile.backends import resolve_backend
+
         options: CompileConfig = OmegaConf.to_object(asm.cfg.compile)
         backend = resolve_backend(options.backend, asm.device)
         compile_pipe(asm.pipe, backend, options, on_miss=asm.cfg.warmup.unprepared)

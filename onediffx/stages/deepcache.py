@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..deep_cache import DeepCacheConfig, DeepCacheParams, deep_cache_class, prepare
-from ..deep_cache.layout import replay_plan
+from ..deep_cache.config import DeepCacheConfig, DeepCacheParams
 from ..deep_cache.schedule import ScheduleKind
 from ..registry import register_stage
 from .base import Assembly, Stage
@@ -41,6 +40,9 @@ class DeepCacheStage(Stage):
         return bool(asm.cfg.deepcache.enabled)
 
     def apply(self, asm: Assembly) -> None:
+        from ..deep_cache import deep_cache_class, prepare
+        from ..deep_cache.layout import replay_plan
+
         params = params_from_config(asm.cfg.deepcache)
         state = prepare(asm.pipe, params, PREFIX)
         asm.pipe.__class__ = deep_cache_class(type(asm.pipe))

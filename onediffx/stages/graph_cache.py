@@ -7,13 +7,13 @@ only what was compiled in this process (a miss, or a shape the cache did not hav
 
 from __future__ import annotations
 
-from ..compile import compile_state, load_pipe, save_pipe
-from . import progressive
 from ..registry import register_stage
 from .base import Assembly, Stage
 
 
 def _cache_in_use(asm: Assembly) -> bool:
+    from ..compile import compile_state
+
     state = compile_state(asm.pipe)
     return bool(asm.cfg.cache.enabled and state is not None and state.backend != "none")
 
@@ -32,6 +32,9 @@ class LoadGraphStage(Stage):
         return _cache_in_use(asm)
 
     def apply(self, asm: Assembly) -> None:
+        from ..compile import load_pipe
+        from . import progressive
+
         found = load_pipe(asm.pipe, asm.cfg.cache.dir)
         if not _all_hit(found) and asm.cfg.compile.progressive:
             asm.note(self.name, whole_component_hit=False)
@@ -54,6 +57,8 @@ class SaveGraphStage(Stage):
         return _cache_in_use(asm)
 
     def apply(self, asm: Assembly) -> None:
+        from ..compile import compile_state, save_pipe
+
         state = compile_state(asm.pipe)
         compiled_here = sum(c.compiles for c in state.saveable.values())
         if asm.graph_hit and not compiled_here:

@@ -8,14 +8,19 @@ will see so switching among them later costs nothing.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from ..generate import Settings, generate
 from ..registry import register_stage
 from .base import Assembly, Stage
+
+if TYPE_CHECKING:
+    from ..generate import Settings
 
 
 def warmup_settings(asm: Assembly) -> list[Settings]:
     """One ``Settings`` per prepared shape (the run's own shape when none are listed)."""
+    from ..generate import Settings
+
     cfg = asm.cfg
     base = Settings.from_config(cfg, steps=cfg.warmup.steps)
     if not cfg.warmup.shapes:
@@ -40,6 +45,8 @@ class WarmupStage(Stage):
         return asm.cfg.warmup.runs > 0 and bool(compiled or asm.cfg.warmup.shapes)
 
     def apply(self, asm: Assembly) -> None:
+        from ..generate import generate
+
         shapes = warmup_settings(asm)
         for _ in range(asm.cfg.warmup.runs):
             for settings in shapes:
