@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch; gpu = torch.cuda.is_available(); build = 'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU'; \
 	  print(f'set-up: torch {torch.__version__} ({build} build; GPU visible: {gpu})'); \
 	  torch.version.cuda and not gpu and print('set-up: note: a CUDA build on a machine without a visible GPU; for the CPU build: make clean; make TORCH_SPEC=\"torch --index-url https://download.pytorch.org/whl/cpu\"')"
-	@echo "set-up: onediffx (editable) with its test, bench and sweep extras"
-	@$(PY) -m pip install -q --disable-pip-version-check -e ".[test,bench,sweep]"
+	@echo "set-up: onediffx (editable) with its test, bench, sweep, serve, quantize and ray extras"
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[test,bench,sweep,serve,quantize,ray]"
 	@touch $(STAMP)
 
 run: $(STAMP)

@@ -35,6 +35,8 @@ class Assembly:
     """Components the ``compile`` stage compiled (empty: the pipeline runs eager)."""
     graph_hit: Optional[bool] = None
     """Whether ``load-graph`` found every compiled graph in the cache (``None``: not consulted)."""
+    hit_check: Any = None
+    """After a hit, ``load-graph``'s check that the first call compiled nothing (``stages.graph_cache``)."""
     progressive: Any = None
     """The background compile of ``compile.progressive`` while it is in flight (``stages.progressive``)."""
     _before_call: list[Hook] = field(default_factory=list, repr=False)

@@ -18,7 +18,10 @@ Only ``prompt`` is required; the rest default to the run's own settings (``seed`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -29,9 +32,10 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from .config.limits import LIMITS, is_number, text_problem
 from .commands.outputs import job_facts, print_startup, say_done
 from .device import peak_memory_gib, reset_peak_memory
-from .errors import ConfigError, NotAvailableError, NotFoundError
+from .errors import ConfigError, NonFiniteError, NotAvailableError, NotFoundError
 from .generate import Settings, generate
 from .metrics import versions, write_json
 from .models.pipelines import task_of
@@ -72,25 +76,23 @@ class PromptFile:
     """``{"line": n, "error": ...}`` for each line skipped under ``on_bad_line=skip``."""
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _limited(name: str) -> tuple[Callable[[Any], bool], str]:
+    limit = LIMITS[name]
+    return limit.allows, limit.describe()
 
 
 FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "prompt": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
-    "negative_prompt": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "height": (lambda v: _positive_int(v) and v % 8 == 0, "a positive multiple of 8"),
-    "width": (lambda v: _positive_int(v) and v % 8 == 0, "a positive multiple of 8"),
-    "steps": (_positive_int, "a positive integer"),
-    "guidance": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "lora_scales": (lambda v: isinstance(v, dict) and all(_number(s) for s in v.values()),
-                    "an object of LoRA name to number"),
+    "prompt": (lambda v: text_problem(v, required=True) is None, "a non-empty string of valid Unicode text"),
+    "negative_prompt": (lambda v: text_problem(v, required=False) is None, "a string of valid Unicode text or null"),
+    "seed": _limited("seed"),
+    "height": _limited("height"),
+    "width": _limited("width"),
+    "steps": _limited("steps"),
+    "guidance": _limited("guidance"),
+    "lora_scales": (lambda v: isinstance(v, dict) and all(is_number(s) and math.isfinite(s) for s in v.values()),
+                    "an object of LoRA name to finite number"),
 }
+"""Each value is literal data: a prompt like ``${oc.env:TOKEN}`` is the text it shows, never resolved."""
 
 
 def parse_line(text: str, index: int, line: int, cfg: DictConfig) -> PromptItem:
@@ -99,6 +101,8 @@ def parse_line(text: str, index: int, line: int, cfg: DictConfig) -> PromptItem:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ValueError("not a prompt object: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object like {{\"prompt\": \"...\"}}, got {type(data).__name__}")
     unknown = sorted(set(data) - set(FIELDS))
@@ -109,7 +113,8 @@ def parse_line(text: str, index: int, line: int, cfg: DictConfig) -> PromptItem:
     for key, value in data.items():
         ok, allowed = FIELDS[key]
         if not ok(value):
-            raise ValueError(f"{key}: {value!r} is not allowed; expected {allowed}")
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise ValueError(f"{key}: {shown} is not allowed; expected {allowed}")
     stack = list(cfg.lora.keys())
     for name in data.get("lora_scales", {}):
         if name not in stack:
@@ -137,11 +142,11 @@ def read_prompts(cfg: DictConfig) -> PromptFile:
         )
     items, bad = [], []
     index = 0
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
+    for line, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         try:
-            items.append(parse_line(text, index, line, cfg))
+            items.append(parse_line(_decode(raw), index, line, cfg))
         except ValueError as err:
             if cfg.on_bad_line == "fail":
                 raise ConfigError(f"prompts: {path} line {line}: {err} (on_bad_line=skip skips such lines)") from None
@@ -151,6 +156,13 @@ def read_prompts(cfg: DictConfig) -> PromptFile:
     if not items:
         raise ConfigError(f"prompts: {path} holds no prompts; write one {{\"prompt\": ...}} object a line")
     return PromptFile(items, bad)
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text (byte {err.start + 1} of the line); save the file as UTF-8") from None
 
 
 def read_manifest(path: Path) -> dict[int, dict[str, Any]]:
@@ -169,11 +181,12 @@ def read_manifest(path: Path) -> dict[int, dict[str, Any]]:
 
 
 def pending(items: list[PromptItem], done: dict[int, dict[str, Any]], out_dir: Path) -> list[PromptItem]:
-    """Items the manifest does not hold yet; an entry that no longer matches its line is an error."""
+    """Items the manifest does not hold yet, or whose image is missing or not the one recorded; an
+    entry that no longer matches its line is an error."""
     todo = []
     for item in items:
         entry = done.get(item.index)
-        if entry is None or not (out_dir / entry.get("file", "")).is_file():
+        if entry is None or not _intact(out_dir / item.file, entry):
             todo.append(item)
             continue
         recorded = {k: entry.get(k) for k in item.spec()}
@@ -226,10 +239,34 @@ class LoraScales:
         self.current = weights
 
 
-def _save_png(image: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
+def _intact(path: Path, entry: dict[str, Any]) -> bool:
+    """The file is the one the manifest recorded (same size and sha256), not a torn or replaced one."""
+    if "sha256" not in entry:  # written before images were hashed: trust the file if it is there
+        return path.is_file()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return len(data) == entry.get("bytes") and hashlib.sha256(data).hexdigest() == entry.get("sha256")
+
+
+def _save_png(image: Any, path: Path) -> dict[str, Any]:
+    """Write whole or not at all: a temporary name, fsynced, renamed; returns its size and hash."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _outputs(manifest: Path) -> dict[str, Any]:
@@ -264,39 +301,50 @@ def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         metrics = {"status": "ok", "model": cfg.model.name, **counts, **_outputs(manifest), "versions": versions()}
         write_json(out_dir / "metrics.json", metrics)
         return metrics
-    asm = assemble(cfg)
+    asm = assemble(cfg, call_shapes=[(i.height, i.width, 1) for i in todo])
     asm.pipe.set_progress_bar_config(disable=True)  # the bar is over prompts, not steps
     reset_peak_memory(asm.device)
     loras = LoraScales(cfg)
-    seconds, rates = [], []
+    seconds, rates, failed = [], [], []
     for item in tqdm(todo, desc="prompts", unit="prompt", initial=len(prompts.items) - len(todo),
                      total=len(prompts.items)):
         loras.apply(asm.pipe, item)
         settings = Settings(height=item.height, width=item.width, steps=item.steps, guidance=item.guidance,
                             seeds=[item.seed], prompt=item.prompt, negative_prompt=item.negative_prompt)
-        result = generate(asm, settings)
-        _save_png(result.images[0], out_dir / item.file)
-        append_manifest(manifest, {**item.spec(), "line": item.line, "file": item.file, "seconds": result.seconds})
+        try:
+            result = generate(asm, settings)
+        except NonFiniteError as err:  # one broken line must not cost the rest of the batch
+            print(f"onediffx: warning: prompts line {item.line}: {err}", file=sys.stderr, flush=True)
+            failed.append({"line": item.line, "index": item.index, "error": str(err), "step": err.step})
+            continue
+        saved = _save_png(result.images[0], out_dir / item.file)
+        append_manifest(manifest, {**item.spec(), "line": item.line, "file": item.file, **saved,
+                                   "seconds": result.seconds})
         seconds.append(result.seconds)
         rates.append(item.steps / result.seconds)
         if len(seconds) == 1:
             print_startup(cfg, asm, result.seconds)
 
     asm.close()
-    median = statistics.median(seconds)
+    median = statistics.median(seconds) if seconds else None
     metrics = {
-        "status": "ok",
+        "status": "failed" if failed else "ok",
         **job_facts(cfg, asm),
         **counts,
+        "failed_lines": failed,
         "calls": len(seconds),
         "seconds_per_call": seconds,
         "median_seconds_per_call": median,
         "latency_per_image_s": median,
-        "it_per_s": statistics.median(rates),
+        "it_per_s": statistics.median(rates) if rates else None,
         "peak_memory_gib": peak_memory_gib(asm.device),
         **_outputs(manifest),
         "versions": versions(),
     }
     write_json(out_dir / "metrics.json", metrics)
+    if failed:  # the others are written and recorded; resume=true retries only the failed lines
+        lines = ", ".join(str(f["line"]) for f in failed[:5]) + (" ..." if len(failed) > 5 else "")
+        raise NonFiniteError(f"prompts: {len(failed)} of {len(todo)} lines failed (lines {lines}): {failed[0]['error']}; "
+                             f"see {out_dir / 'metrics.json'}", step=failed[0]["step"])
     say_done(out_dir, [item.file for item in todo], median)
     return metrics

@@ -8,6 +8,7 @@ and exit non-zero; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
 import sys
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import register_configs, validate
-from .errors import OnediffxError
+from .errors import BusyError, OnediffxError
 from .requirements import check as check_requirements
 from .resources import conf_dir
 
@@ -36,11 +37,13 @@ commands:
   run     assemble the pipeline from conf/ + overrides, generate, write images and metrics.json
   list    show the models, stages, compile backends and LoRA entries known
   bench   peers and onediffx side by side on the same model (see conf/bench.yaml)
+  serve   the assembled pipeline behind an OpenAI-style HTTP images API (see conf/serve.yaml)
 
 examples:
   python -m onediffx run
   python -m onediffx run model=tiny_xl steps=4 seed=1
   python -m onediffx run -m seed=0,1,2
+  python -m onediffx serve serve.port=8000   # POST /v1/images/generations
   python -m onediffx run --cfg job        # print the composed config
 """
 
@@ -71,7 +74,8 @@ def report(err: OnediffxError) -> None:
     print(f"onediffx: error: {err}", file=sys.stderr, flush=True)
 
 
-JOBS = {"run": ("onediffx.commands.run", "run_job"), "bench": ("onediffx.commands.bench", "bench_job")}
+JOBS = {"run": ("onediffx.commands.run", "run_job"), "bench": ("onediffx.commands.bench", "bench_job"),
+        "serve": ("onediffx.commands.serve", "serve_job")}
 """Each Hydra command's job, imported only after its config has composed and validated."""
 PRODUCED_NOTHING = {".hydra", "config.yaml"}
 
@@ -89,6 +93,10 @@ def quiet_third_party() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
+    # diffusers imports torchao whenever it is installed; its notes about kernels built for other
+    # cards (and the pytree registrations it triggers in torch) are not the user's to fix.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def discard_if_empty(out_dir: Path) -> None:
@@ -120,13 +128,16 @@ def guarded(command: str) -> Callable[[DictConfig], dict]:
             if full_error():
                 raise
             report(err)
+            ours = not isinstance(err, BusyError)  # a busy folder is another run's: leave it be
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 from .metrics import write_json
 
                 failed = {"status": "failed", "error": str(err), "error_type": type(err).__name__}
-                write_json(out_dir / "metrics.json", failed)
+                if ours and not (out_dir / "metrics.json").is_file():  # a job's own failure report wins
+                    write_json(out_dir / "metrics.json", failed)
                 return failed
-            discard_if_empty(out_dir)
+            if ours:
+                discard_if_empty(out_dir)
             sys.exit(err.exit_code)
 
     return task
@@ -173,5 +184,5 @@ def main(argv: list[str] | None = None) -> None:
 
         print_catalogue()
     else:
-        print(f"onediffx: error: unknown command {command!r}; commands: run, list, bench", file=sys.stderr)
+        print(f"onediffx: error: unknown command {command!r}; commands: run, list, bench, serve", file=sys.stderr)
         sys.exit(2)

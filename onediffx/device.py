@@ -69,3 +69,40 @@ def empty_cache(device: torch.device) -> None:
     """Return cached blocks to the driver, so the next peak-memory reading starts from what is live."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+ACTIVATION_BYTES_PER_PIXEL = 256
+"""A lower bound on the activation memory one image costs per pixel in half precision, with
+classifier-free guidance doubling the batch (SDXL at 1024² needs about three times this). A lower
+bound, so the check refuses only what cannot fit, never what might."""
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still give: the CUDA driver's free memory plus what torch holds cached
+    but unused; on the CPU, the kernel's MemAvailable (the process's own pages are not counted)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(device: torch.device, dtype: torch.dtype, height: int, width: int, images: int,
+                 key: str = "height, width, num_images") -> None:
+    """Refuse, before the model loads, a call whose activations cannot fit in the device's memory:
+    ``height=width=100000`` should be one line now, not an allocator error minutes later."""
+    need = height * width * images * 2 * ACTIVATION_BYTES_PER_PIXEL * (2 if dtype == torch.float32 else 1)
+    have = free_memory(device)
+    if need > have:
+        raise ConfigError(
+            f"{key}: {width}x{height} x {images} image(s) needs at least {need / 2**30:.1f} GiB for activations, "
+            f"and {device} has {have / 2**30:.1f} GiB free; lower the size or the images per call"
+        )

@@ -23,3 +23,17 @@ class NotFoundError(OnediffxError):
 
 class NotAvailableError(OnediffxError):
     """A capability is not available here (optional package missing, stage not built yet)."""
+
+
+class BusyError(OnediffxError):
+    """Another process holds what this one needs (an output folder): nothing was changed."""
+
+
+class NonFiniteError(OnediffxError):
+    """The computation produced NaN or Inf: the output would be wrong, so there is none."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step

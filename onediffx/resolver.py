@@ -7,6 +7,7 @@ options), so a bad config fails in a fraction of a second rather than after a mo
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 from omegaconf import DictConfig
 
@@ -14,7 +15,7 @@ from . import stages as _builtin_stages  # noqa: F401  (registers the built-in s
 from .compile.backends import resolve_backend
 from .compile import preload as compiler_preload
 from .config import validate
-from .device import resolve_device, resolve_dtype, synchronize
+from .device import check_memory, resolve_device, resolve_dtype, synchronize
 from .models.loader import load_pipeline
 from .plugin_loader import load_plugins
 from .registry import get_stage
@@ -35,11 +36,23 @@ def _compiles(cfg: DictConfig, device) -> bool:
     return resolve_backend(cfg.compile.backend, device) == "inductor"
 
 
-def assemble(cfg: DictConfig) -> Assembly:
-    """Load the model and apply every enabled stage; times go to ``asm.report``."""
+def _call_shapes(cfg: DictConfig) -> list[tuple[int, int, int]]:
+    """(height, width, images per call) of the run's own calls and of each warm-up shape."""
+    shapes = [(cfg.height or cfg.model.height, cfg.width or cfg.model.width, cfg.num_images)]
+    return shapes + [(s.height, s.width, s.batch) for s in cfg.warmup.shapes]
+
+
+def assemble(cfg: DictConfig, call_shapes: Sequence[tuple[int, int, int]] = ()) -> Assembly:
+    """Load the model and apply every enabled stage; times go to ``asm.report``.
+
+    ``call_shapes`` (height, width, images) are calls the caller will make besides the run's own
+    (a prompts file's lines): each is checked against the device's memory before anything loads.
+    """
     stages = plan(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, cfg.model.dtype, device)
+    for height, width, images in {*_call_shapes(cfg), *call_shapes}:
+        check_memory(device, dtype, height, width, images)
     start = time.perf_counter()
     if "compile" in cfg.stages and _compiles(cfg, device):
         compiler_preload.start()

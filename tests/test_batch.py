@@ -60,7 +60,7 @@ def test_lines_take_run_defaults_and_keep_their_index(compose_run, tmp_path):
         ('{"prompt": "x", "seed": 1', "line 2: not valid JSON"),
         ('["a list"]', "line 2: expected a JSON object"),
         ('{"seed": 3}', "line 2: 'prompt' is required"),
-        ('{"prompt": "x", "height": 50}', "line 2: height: 50 is not allowed; expected a positive multiple of 8"),
+        ('{"prompt": "x", "height": 50}', "line 2: height: 50 is not allowed; expected a multiple of 8 from 8 to 16384"),
         ('{"prompt": "x", "lora_scales": {"emoji": 0.5}}', "line 2: lora_scales: 'emoji' is not in the LoRA stack"),
     ],
 )

@@ -44,8 +44,8 @@ def test_sweep_writes_one_folder_per_job(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("steps=0", "steps: 0 is not allowed; expected a positive integer"),
-        ("height=63", "height: 63 is not allowed; expected a positive multiple of 8"),
+        ("steps=0", "steps: 0 is not allowed; expected an integer from 1 to 1000"),
+        ("height=63", "height: 63 is not allowed; expected a multiple of 8 from 8 to 16384"),
         ("stages=[lora-fuse,nope]", "stages[1]: unknown stage 'nope'"),
         ("model.path=/does/not/exist", "model.path: '/does/not/exist' does not exist"),
         ("guidance=abc", "guidance: Value 'abc' of type 'str' could not be converted to Float"),

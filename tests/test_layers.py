@@ -14,9 +14,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "onediffx"
 
 APP = ("onediffx.cli", "onediffx.__main__", "onediffx.commands", "onediffx.batch", "onediffx.sweep",
-       "onediffx.launch", "onediffx.bench")
+       "onediffx.launch", "onediffx.bench", "onediffx.serve", "onediffx.client")
 STAGES = ("onediffx.stages", "onediffx.resolver", "onediffx.assembly", "onediffx.generate")
-LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.quantize", "onediffx.graph_cache",
+LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.instantid", "onediffx.quantize", "onediffx.graph_cache",
            "onediffx.models", "onediffx.config", "onediffx.device", "onediffx.errors", "onediffx.metrics",
            "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.lazy_exports",
            "onediffx.plugin_loader", "onediffx.requirements")

@@ -13,8 +13,25 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
+
+
+def plain_pipeline(arch: str, builtin: str | None) -> tuple[Any, torch.device]:
+    """The peers' pipeline: diffusers as loaded, nothing of onediffx applied (a built-in tiny model
+    or the synthetic full-size one), on the GPU when there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if builtin:
+        from onediffx.models.tiny import build_tiny
+
+        pipe = build_tiny(builtin).to(device)
+    else:
+        from onediffx.models.synthetic import build_synthetic
+
+        pipe = build_synthetic(arch, device, torch.float16 if device.type == "cuda" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, device
 
 
 def main() -> None:
@@ -26,16 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.builtin:
-        from onediffx.models.tiny import build_tiny
-
-        pipe = build_tiny(args.builtin).to(device)
-    else:
-        from onediffx.models.synthetic import build_synthetic
-
-        pipe = build_synthetic(args.arch, device, torch.float16 if device.type == "cuda" else torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, device = plain_pipeline(args.arch, args.builtin)
     loaded = time.perf_counter()
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.unet = torch.compile(pipe.unet, fullgraph=True)

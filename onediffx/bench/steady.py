@@ -94,6 +94,11 @@ def run_steady(asm: Assembly, cfg: DictConfig, fresh: Optional[Callable[[], Asse
     reference = rows[0]["image"]
     if cfg.bench.peer_compile:
         rows.append(_peer_row(asm, settings, cfg, reference, floor_s))
+    if fresh is not None and cfg.bench.peer_compile and OmegaConf.select(cfg, "bench.recipe_peer", default=False):
+        from .recipe import recipe_row  # diffusers' documented recipe compiles the pipeline in place
+
+        rows.append(recipe_row(asm, settings, cfg, reference, floor_s, _row, cfg.bench.recipe_mode))
+        asm = _release(asm, fresh)
 
     options = OmegaConf.to_object(cfg.compile)
     preset = OmegaConf.select(cfg, "bench.compile_preset") or options.backend
@@ -104,7 +109,10 @@ def run_steady(asm: Assembly, cfg: DictConfig, fresh: Optional[Callable[[], Asse
             rows.append(_onediffx_row(asm, other, compile_options(other), settings, cfg, reference, floor_s))
         rows.append(_eager_again(asm, fresh, settings, cfg, reference, floor_s))
     base = min(row["e2e_s"] for row in rows if row["method"].startswith("diffusers eager"))
+    recipe = next((row["e2e_s"] for row in rows if row["method"].startswith("diffusers-docs")), None)
     for row in rows:
         row["speedup"] = round(base / row["e2e_s"], 3)
+        if recipe is not None:
+            row["speedup_vs_recipe"] = round(recipe / row["e2e_s"], 3)
         row.pop("image")
     return rows

@@ -66,8 +66,27 @@ def _deepcache(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     return [{"scenario": "deepcache", **row} for row in rows]
 
 
+def _instantid(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.instantid import run_instantid_bench
+
+    return run_instantid_bench(_fresh(cfg), cfg, list(cfg.bench.deepcache_intervals), cfg.bench.repeat)
+
+
+def _quantize(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.quantize import run_quantize_bench
+
+    return run_quantize_bench(_fresh(cfg), cfg, fresh=lambda: _fresh(cfg))
+
+
+def _serve(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.serve import run_serve_bench
+
+    return run_serve_bench(cfg)
+
+
 RUNNERS: dict[str, Callable[[DictConfig, Path], list[dict[str, Any]]]] = {
     "steady": _steady, "cold_start": _cold_start, "lora": _lora, "deepcache": _deepcache,
+    "instantid": _instantid, "quantize": _quantize, "serve": _serve,
 }
 
 

@@ -8,17 +8,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..batch import run_batch
+from ..errors import NonFiniteError
 from ..device import peak_memory_gib, reset_peak_memory
 from ..generate import Settings, generate
 from ..metrics import latency_summary, versions, write_json
 from ..resolver import assemble
 from ..sweep.gpus import job_device
+from .lock import folder_lock
 from .outputs import image_records, job_facts, print_startup, save_outputs, say_done
 
 
 def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one job (on the GPU it leases, in a multi-GPU sweep) and return its ``metrics.json``."""
-    with job_device(cfg) as pinned:
+    with folder_lock(out_dir), job_device(cfg) as pinned:
         if pinned is not None:
             cfg.device = pinned
         return _run_job(cfg, out_dir)
@@ -32,7 +34,14 @@ def _run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     asm = assemble(cfg)
     settings = Settings.from_config(cfg)
     reset_peak_memory(asm.device)
-    calls = [generate(asm, settings) for _ in range(cfg.repeat)]
+    try:
+        calls = [generate(asm, settings) for _ in range(cfg.repeat)]
+    except NonFiniteError as err:  # no image is written: a black one would look like a result
+        asm.close()
+        write_json(out_dir / "metrics.json", {"status": "failed", "error": str(err), "error_type": type(err).__name__,
+                                              "non_finite_step": err.step, **job_facts(cfg, asm),
+                                              "versions": versions()})
+        raise
     files = save_outputs(out_dir, calls[-1], settings.seeds)
     asm.close()
     print_startup(cfg, asm, calls[0].seconds)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from .config import CompileConfig
 from ..graph_cache import GraphCache, config_digest, environment_key
+from ..graph_cache import kernels as inductor_kernels
 from ..hooks import AHEAD_OF_TIME, DEEP_CACHE_DISPATCH, has_hook, remove_hook
 from ..registry import get_backend
 from . import preload
@@ -242,9 +243,13 @@ def compile_counters(pipe: Any) -> dict[str, Any]:
 
 
 def component_key(pipe: Any, path: str, state: CompileState) -> dict[str, Any]:
+    from ..quantize.pipe import quantize_key
+
     module = _find(pipe, path)
     param = next(module.parameters())
+    quantized = quantize_key(pipe, path)  # graphs over quantized weights are other graphs
     return {
+        **({"quantize": quantized} if quantized else {}),
         **environment_key(param.device),
         "component": path,
         "class": type(module).__name__,
@@ -259,52 +264,88 @@ def _dynamo_key(pipe: Any, state: CompileState) -> dict[str, Any]:
     return {**component_key(pipe, state.dynamo[0], state), "components": sorted(state.dynamo)}
 
 
-def save_pipe(pipe: Any, dir: str = "cached_pipe", *, overwrite: bool = True) -> dict[str, Any]:
-    """Persist the compiled graphs of ``pipe`` into ``dir``; returns what was written per component."""
+def _kernels_in_use() -> list[tuple[str, bytes]]:
+    """Inductor's C++ kernels this process uses, bundled with what it saves."""
+    out = []
+    for target, file in inductor_kernels.in_use().items():
+        try:
+            out.append((target, file.read_bytes()))
+        except OSError:
+            continue
+    return out
+
+
+def save_pipe(pipe: Any, dir: str = "cached_pipe", *, overwrite: bool = True, trusted: bool = False,
+              key_file: Optional[str] = None) -> dict[str, Any]:
+    """Persist the compiled graphs of ``pipe`` into ``dir``; returns what was written per component.
+
+    ``trusted``/``key_file``: see ``GraphCache``. A cache that cannot be written is one warning
+    and nothing written, never an error.
+    """
     state = compile_state(pipe)
     if state is None or state.backend == "none":
         raise ValueError("save_pipe: the pipeline is not compiled; call compile_pipe(pipe) and run it once first")
-    cache, written = GraphCache(dir), {}
+    cache, written = GraphCache(dir, trusted=trusted, key_file=key_file), {}
+    kernels = None
     for path, compiled in state.saveable.items():
         if not compiled.entries or (not overwrite and not compiled.dirty):
             continue
-        entry = cache.save(path, component_key(pipe, path, state), compiled.serialize(), compiled.signatures)
+        kernels = _kernels_in_use() if kernels is None else kernels
+        entry = cache.save(path, component_key(pipe, path, state), compiled.serialize(), compiled.signatures, kernels)
+        if entry is None:
+            continue
         compiled.dirty = False
-        written[path] = {"path": str(entry), "graphs": len(compiled.entries)}
+        written[path] = {"path": str(entry), "graphs": len(compiled.entries), "kernels": len(kernels)}
     if state.dynamo:
         blob = torch.compiler.save_cache_artifacts()
         if blob is not None:
-            entry = cache.save(MEGA, _dynamo_key(pipe, state), [blob[0]], [state.dynamo])
-            written[MEGA] = {"path": str(entry), "graphs": len(state.dynamo)}
+            kernels = _kernels_in_use() if kernels is None else kernels
+            entry = cache.save(MEGA, _dynamo_key(pipe, state), [blob[0]], [state.dynamo], kernels)
+            if entry is not None:
+                written[MEGA] = {"path": str(entry), "graphs": len(state.dynamo), "kernels": len(kernels)}
     return written
 
 
-def load_pipe(pipe: Any, dir: str = "cached_pipe") -> dict[str, Any]:
+def load_pipe(pipe: Any, dir: str = "cached_pipe", *, trusted: bool = False,
+              key_file: Optional[str] = None) -> dict[str, Any]:
     """Load graphs saved by ``save_pipe`` into a pipeline already passed to ``compile_pipe``.
 
-    Returns ``{component: {"hit": bool, ...}}``. A missing, stale or corrupt entry is a miss: that
-    component compiles at its first call, as if nothing had been saved.
+    Returns ``{component: {"hit": bool, ...}}``. A missing, stale, corrupt, unsigned or untrusted
+    entry is a miss: that component compiles at its first call, as if nothing had been saved.
+    Graphs that loaded but needed Inductor's C++ kernels rebuilt (an emptied
+    ``TORCHINDUCTOR_CACHE_DIR`` and an entry without them) are ``"reason": "kernels rebuilt"``,
+    not a hit, and are marked to be saved again with their kernels.
     """
     state = compile_state(pipe)
     if state is None or state.backend == "none":
         raise ValueError("load_pipe: call compile_pipe(pipe) first, with the options the graphs were saved with")
     preload.wait()
-    cache, found = GraphCache(dir), {}
+    cache, found = GraphCache(dir, trusted=trusted, key_file=key_file), {}
     for path, compiled in state.saveable.items():
         loaded = cache.load(path, component_key(pipe, path, state))
         if loaded is None:
             found[path] = {"hit": False, "reason": cache.last_miss}
             continue
+        restored = inductor_kernels.restore(loaded.kernels)
+        before = inductor_kernels.present()
         try:
             compiled.load(loaded.blobs, loaded.signatures)
         except Exception as err:  # an artifact this torch cannot read is stale, not fatal
             cache.discard(loaded.path, f"{type(err).__name__}: {err}".splitlines()[0])
             found[path] = {"hit": False, "reason": cache.last_miss}
             continue
-        found[path] = {"hit": True, "graphs": len(loaded.blobs), "signatures": loaded.signatures}
+        built = len(inductor_kernels.present() - before)
+        found[path] = {"hit": not built, "graphs": len(loaded.blobs), "signatures": loaded.signatures,
+                       "kernels_restored": restored, "kernels_built": built}
+        if built:
+            log.warning("graph cache: %s loaded, but Inductor's cache folder lacked its %d C++ kernels and they "
+                        "were rebuilt; saving the entry again with them", path, built)
+            found[path]["reason"] = "kernels rebuilt"
+            compiled.dirty = True
     if state.dynamo:
         loaded = cache.load(MEGA, _dynamo_key(pipe, state))
         if loaded is not None:
+            inductor_kernels.restore(loaded.kernels)
             torch.compiler.load_cache_artifacts(loaded.blobs[0])
-        found[MEGA] = {"hit": loaded is not None}
+        found[MEGA] = {"hit": loaded is not None} if loaded is not None else {"hit": False, "reason": cache.last_miss}
     return found

@@ -17,6 +17,8 @@ from omegaconf import MISSING
 
 from ..compile.config import CompileConfig, OnMiss
 from ..deep_cache.config import DeepCacheConfig
+from ..quantize.config import QuantizeConfig
+from ..instantid.config import FaceConfig
 
 
 @dataclass
@@ -40,6 +42,9 @@ class ModelConfig:
     """Hub id or folder of a replacement UNet (LCM-SDXL)."""
     controlnet: Optional[str] = None
     """Hub id or folder of the ControlNet, for ControlNet pipelines."""
+    instantid: Optional[str] = None
+    """InstantID: Hub id (local cache) or folder with ``ControlNetModel/`` and ``ip-adapter.safetensors``/``.bin``;
+    with ``synthetic`` its architecture is built with seeded weights instead."""
     scheduler: Optional[str] = None
     """A scheduler class name from the allow-list; ``None`` keeps the checkpoint's own."""
     dtype: str = "float16"
@@ -73,6 +78,10 @@ class CacheConfig:
 
     enabled: bool = True
     dir: str = "${oc.env:ONEDIFFX_CACHE_DIR,${oc.env:HOME,.}/.cache/onediffx/graphs}"
+    trusted: bool = False
+    """Load from a folder others can write (group/other write bit, another owner); off: refused."""
+    key_file: str = "${oc.env:ONEDIFFX_CACHE_KEY,${oc.env:HOME,.}/.config/onediffx/graph-cache.key}"
+    """The secret that signs entries (created 0600 on first use); machines sharing a cache share it."""
 
 
 @dataclass
@@ -126,7 +135,7 @@ class SweepConfig:
     """Write ``summary.csv``, ``summary.md`` and ``summary.png`` in the sweep folder at the end."""
 
 
-DEFAULT_STAGES = ["lora-fuse", "deepcache", "compile", "load-graph", "warmup", "save-graph"]
+DEFAULT_STAGES = ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "warmup", "save-graph"]
 
 
 @dataclass
@@ -136,6 +145,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     deepcache: DeepCacheConfig = field(default_factory=DeepCacheConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """fp8/int8 quantization of the UNet's linear layers (``onediffx.quantize``); ``quantize=off`` by default."""
+    face: FaceConfig = field(default_factory=FaceConfig)
+    """InstantID's face input and scales (``onediffx.instantid``); unused by other models."""
     lora: Dict[str, LoraEntry] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
@@ -196,6 +209,19 @@ class BenchOptions:
     lora_sizes_mb: List[float] = field(default_factory=lambda: [12.0, 23.0, 28.0, 55.0, 270.0])
     deepcache_intervals: List[int] = field(default_factory=lambda: [2, 3, 5])
     deepcache_compile: bool = True
+    quantize_modes: List[str] = field(default_factory=lambda: ["fp8", "int8"])
+    """``quantize`` scenario: the modes measured beside unquantized onediffx (``onediffx.bench.quantize``)."""
+    recipe_peer: bool = True
+    """Steady and quantize scenarios: diffusers' documented torch.compile recipe (channels-last, fused
+    q/k/v, compiled UNet and VAE decode) as a peer row; every row's ``speedup_vs_recipe`` is against it."""
+    recipe_mode: str = "reduce-overhead"
+    """``torch.compile`` mode of that recipe (``reduce-overhead`` or ``max-autotune-no-cudagraphs``)."""
+    serve_concurrency: List[int] = field(default_factory=lambda: [1, 4, 16])
+    """``serve`` scenario: closed-loop client counts; the open-loop rate is 80% of the best throughput."""
+    serve_requests: int = 32
+    """``serve`` scenario: requests per load level (at least twice the concurrency)."""
+    serve_max_batch: int = 4
+    serve_ready_timeout: int = 900
 
 
 @dataclass
@@ -205,8 +231,62 @@ class BenchConfig(RunConfig):
     bench: BenchOptions = field(default_factory=BenchOptions)
 
 
+class ServeEngine(str, Enum):
+    """Where ``onediffx serve`` runs its replicas (``serve.engine``)."""
+
+    local = "local"
+    """One process: uvicorn in front, one worker thread per replica (GPU)."""
+    ray = "ray"
+    """Ray Serve: the same app as a deployment, one replica per GPU, Ray's routing and autoscaling."""
+
+
+@dataclass
+class ServeConfig:
+    """What ``python -m onediffx serve`` listens on and how it batches (``conf/serve.yaml``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    """``0``: a free port, printed when the server listens."""
+    max_batch: int = 4
+    """Images per pipeline call; compatible requests are batched up to this many."""
+    batch_wait_ms: float = 20.0
+    """How long the first request of a batch waits for compatible ones."""
+    batch_sizes: List[int] = field(default_factory=list)
+    """Pad each call to the smallest of these sizes (compiled pipelines: one graph per size, all warmed
+    before ready); empty: calls run at the size they have (eager)."""
+    queue_limit: int = 64
+    """Requests waiting at most; more are answered 429 with Retry-After."""
+    request_timeout_s: float = 300.0
+    """A request not answered by then gets 504 (and leaves the queue)."""
+    deepcache: Optional[int] = None
+    """DeepCache interval of requests that do not give one; ``None``: the ``deepcache`` group's (off: 1)."""
+    max_steps: int = 200
+    max_size: int = 2048
+    """Largest height or width a request may ask for."""
+    max_prompt_chars: int = 4000
+    replicas: str = "1"
+    """Pipelines behind the endpoint, one per GPU (``cuda:0``...): a number, or ``all`` visible GPUs.
+    On the CPU, ``N`` pipelines share it (for tests)."""
+    engine: ServeEngine = ServeEngine.local
+    ray_num_cpus: Optional[float] = None
+    """Ray engine: CPUs per replica (GPU replicas ask for one GPU each)."""
+    model_id: Optional[str] = None
+    """The name ``/v1/models`` lists; ``None``: ``model.name``."""
+
+
+@dataclass
+class ServeRunConfig(RunConfig):
+    """The top config of ``python -m onediffx serve``: a run config (the pipeline) plus the server."""
+
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore, where ``conf/*.yaml`` defaults lists refer to them."""
+    from .dirname import register_resolver
+
+    register_resolver()  # conf/*.yaml name run folders with ${onediffx.dirname:...}
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(name="serve_schema", node=ServeRunConfig)

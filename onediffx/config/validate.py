@@ -6,12 +6,15 @@ prints is enough to fix the config.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
+from .limits import SEED_MAX, problem, text_problem
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -22,12 +25,11 @@ def _check(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> Non
         raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
 
 
-def _positive(key: str, value: Any) -> None:
-    _check(key, value, lambda v: v > 0, "a positive integer")
-
-
-def _size(key: str, value: Any) -> None:
-    _check(key, value, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
+def _limited(key: str, value: Any) -> None:
+    """A per-call value against its range in ``limits.LIMITS`` (by the key's last part)."""
+    message = problem(key.rsplit(".", 1)[-1], value)
+    if message:
+        raise ConfigError(f"{key}: {message}")
 
 
 def _sizes(cfg: DictConfig) -> Iterable[tuple[str, Any]]:
@@ -41,15 +43,28 @@ def _sizes(cfg: DictConfig) -> Iterable[tuple[str, Any]]:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first out-of-range value in a composed run config."""
+    _refuse_unknown_keys(cfg)
     for key, value in _sizes(cfg):
-        _size(key, value)
-    for key in ("steps", "num_images", "repeat", "model.steps", "warmup.steps"):
-        _positive(key, _select(cfg, key))
-    _check("warmup.runs", cfg.warmup.runs, lambda v: v >= 0, "an integer >= 0")
+        _limited(key, value)
+    for key in ("steps", "num_images", "repeat", "model.steps", "warmup.steps", "seed"):
+        _limited(key, _select(cfg, key))
+    for i, shape in enumerate(cfg.warmup.shapes):
+        message = problem("num_images", shape.batch)
+        if message:
+            raise ConfigError(f"warmup.shapes[{i}].batch: {message}")
+    last_seed = cfg.seed + cfg.num_images - 1
+    _check("seed", cfg.seed, lambda v: last_seed <= SEED_MAX,
+           "a seed with seed + num_images - 1 <= 2^63-1 (image i uses seed + i)")
+    _check("warmup.runs", cfg.warmup.runs, lambda v: 0 <= v <= 100, "an integer from 0 to 100")
     for key in ("guidance", "model.guidance"):
-        _check(key, _select(cfg, key), lambda v: v >= 0, "a number >= 0")
+        _limited(key, _select(cfg, key))
+    for key in ("prompt", "negative_prompt"):
+        message = text_problem(cfg[key], required=key == "prompt")
+        if message:
+            raise ConfigError(f"{key}: {message}")
     for i, entry in cfg.lora.items():
-        _check(f"lora.{i}.scale", entry.scale, lambda v: -100 <= v <= 100, "a number between -100 and 100")
+        _check(f"lora.{i}.scale", entry.scale, lambda v: math.isfinite(v) and -100 <= v <= 100,
+               "a finite number between -100 and 100")
     _check("dtype", cfg.dtype, lambda v: v == "auto" or v in DTYPES, f"auto or one of {', '.join(DTYPES)}")
     _check("model.dtype", cfg.model.dtype, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
     _check("device", cfg.device, lambda v: bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps")
@@ -59,6 +74,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("resume: only batch runs resume; set prompts=<file.jsonl> or drop resume=true")
     if cfg.model.synthetic and cfg.model.builtin:
         raise ConfigError(f"model.synthetic: built-in model {cfg.model.builtin!r} has its own weights; drop one of the two")
+    from ..instantid.config import check_face
+
+    check_face(cfg)  # InstantID's face files, read before any weights load
 
 
 def _select(cfg: DictConfig, key: str) -> Any:
@@ -66,3 +84,25 @@ def _select(cfg: DictConfig, key: str) -> Any:
     for part in key.split("."):
         node = node[part]
     return node
+
+
+def _unknown_keys(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Keys a structured config node holds that its dataclass does not declare (``+typo=1``)."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        full = f"{path}{key}"
+        if declared is not None and key not in declared:
+            yield full, schema.__name__
+            continue
+        yield from _unknown_keys(node._get_node(key), f"{full}.")  # maps of dataclasses (lora) too
+
+
+def _refuse_unknown_keys(cfg: DictConfig) -> None:
+    for key, schema in _unknown_keys(cfg, ""):
+        raise ConfigError(
+            f"{key}: not a key of the {schema} config; check its spelling "
+            f"(`onediffx run --cfg job` prints every key), or put a plugin's options under plugin_options"
+        )

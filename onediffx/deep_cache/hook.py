@@ -184,6 +184,11 @@ class DeepCache(ForwardHook):
             self._full = full_steps(total or step + 1, schedule.interval, schedule.kind)
         return step in self._full
 
+    def next_is_full(self) -> bool:
+        """Whether the UNet's next call runs the full pass (a ControlNet called just before may reuse
+        its last residuals when not: ``onediffx.instantid``)."""
+        return self.schedule is None or self.features is None or self._is_full_step(self.step)
+
     @torch.compiler.disable(recursive=False)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The UNet's forward while hooked: the forward underneath, or one of the two passes."""

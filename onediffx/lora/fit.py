@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import LoraMismatchError
+from ..quantize.weights import record_of
+from .errors import LoraError, LoraMismatchError
 from .formats import LoraLayer, TargetKey
 
 _ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
@@ -123,6 +124,11 @@ def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: t
         if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
             mismatched.append(f"{component}.{path} (grouped convolution)")
             continue
+        record = record_of(weight)
+        if record is not None and record.original is None:  # refused before any weight changes
+            raise LoraError(f"LoRA {label} changes {component}.{path}, which is quantized without its "
+                            "high-precision weights (quantize.keep_originals=none); quantize with keep_originals=cpu "
+                            "or device to fuse LoRAs")
         why = _expected(layer, weight)
         if why:
             mismatched.append(f"{component}.{path} ({why})")

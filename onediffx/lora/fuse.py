@@ -23,6 +23,11 @@ without recompiling. ``W0`` of each touched weight is kept on the offload device
 is touched, all of one load in a few large copies; the parameter's version counter tells whether
 someone else (for example ``load_state_dict``) wrote the weight since, in which case that becomes
 the new ``W0``.
+
+Quantized weights (``onediffx.quantize``) are fused from their high-precision originals, which
+quantization kept: ``W = quantize(W0_hp + sum ...)``, re-quantized with the layer's own recipe into
+the quantized tensors' own storage; the quantized ``W0`` is saved first and unfusing copies it back,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..quantize import weights as quantized
+from .errors import LoraError
 from .fit import Target
 from .formats import TargetKey
 
@@ -64,6 +71,9 @@ class LoraState:
     """Where new ``W0`` copies go; set by the last load, used by later switches."""
     projection_versions: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     """Per fused attention, its parts' versions when last copied into the fused projection."""
+    quantized: Dict[TargetKey, List[torch.Tensor]] = field(default_factory=dict)
+    """Quantized weights: their quantized ``W0`` (inner tensors), put back on unfuse; ``originals``
+    then holds the high-precision ``W0`` that fusing computes from."""
 
 
 def state_of(pipeline: Any) -> LoraState:
@@ -124,6 +134,10 @@ def _back_up(state: LoraState, params: Dict[TargetKey, torch.nn.Parameter], offl
     offloads: Dict[torch.device, torch.device] = {}
     groups: Dict[Tuple[torch.device, torch.dtype], List[TargetKey]] = {}
     for key, param in params.items():
+        record = quantized.record_of(param)
+        if record is not None:
+            _back_up_quantized(state, key, param, record, offload_device)
+            continue
         if param.device not in offloads:
             offloads[param.device] = resolve_offload(offload_device, param)
         if offloads[param.device] == param.device:
@@ -144,6 +158,16 @@ def _back_up(state: LoraState, params: Dict[TargetKey, torch.nn.Parameter], offl
         state.params[key] = param
         state.written[key] = param._version
         state.fused.discard(key)
+
+
+def _back_up_quantized(state: LoraState, key: TargetKey, param: torch.nn.Parameter,
+                       record: quantized.QuantizedWeight, offload_device: str) -> None:
+    """Quantized ``W0`` saved for unfusing; the high-precision original (kept by quantization) to fuse from."""
+    if record.original is None:
+        raise LoraError(f"LoRA: {record.name} is quantized and its high-precision weights were not kept "
+                        "(quantize.keep_originals=none); quantize with keep_originals=cpu or device to fuse LoRAs")
+    state.quantized[key] = quantized.snapshot(param, resolve_offload(offload_device, param))
+    state.originals[key] = record.original
 
 
 def _chunks(keys: List[TargetKey], params: Dict[TargetKey, torch.nn.Parameter], limit: int
@@ -186,8 +210,10 @@ def fuse(state: LoraState, weights: Dict[str, float], offload_device: str = "cpu
         _back_up(state, {k: p for k, p in params.items() if _needs_backup(state, k, p)}, offload_device)
         for key, terms in plan.items():
             param = params[key]
-            # Not fused now (just backed up, restored, or never fused): the weight equals W0 already.
-            _write(param, None if key not in state.fused else state.originals[key], terms)
+            if key in state.quantized:
+                _write_quantized(param, state.originals[key], terms)
+            else:  # Not fused now (just backed up, restored, or never fused): the weight equals W0 already.
+                _write(param, None if key not in state.fused else state.originals[key], terms)
             state.written[key] = param._version
             state.fused.add(key)
     state.active = {n: weights[n] for n in state.adapters if n in weights}
@@ -249,6 +275,16 @@ def _write_float32(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> 
     param.copy_(acc.view(param.shape))
 
 
+def _write_quantized(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> None:
+    """``param = quantize(W0 + sum(coef * up @ down))`` from the high-precision ``W0``, sum in float32."""
+    device = param.device
+    acc = w0.to(device=device, dtype=torch.float32, non_blocking=True, copy=True,
+                memory_format=torch.contiguous_format).view(param.shape[0], -1)
+    for target, coef in terms:
+        acc.addmm_(*_float32_factors(target, device), alpha=coef)
+    quantized.requantize(param, acc.view(param.shape))
+
+
 def _restore_all(state: LoraState, keys: List[TargetKey]) -> None:
     """Copy ``W0`` back into these weights, unless someone else wrote one since onediffx did."""
     by_device: Dict[torch.device, List[TargetKey]] = {}
@@ -256,6 +292,9 @@ def _restore_all(state: LoraState, keys: List[TargetKey]) -> None:
         param, w0 = state.params[key], state.originals[key]
         if state.written.get(key) != param._version:
             continue  # the weight's new value is someone else's: leave it
+        if key in state.quantized:  # the saved quantized W0, bit for bit
+            quantized.restore(param, state.quantized[key])
+            continue
         if w0.device == param.device:  # multi-tensor copies need all tensors on one device
             by_device.setdefault(param.device, []).append(key)
         else:
@@ -282,5 +321,6 @@ def forget_originals(state: LoraState, keys: Optional[Iterable[TargetKey]] = Non
     for key in list(state.originals if keys is None else keys):
         if key not in state.fused:
             state.originals.pop(key, None)
+            state.quantized.pop(key, None)
             state.params.pop(key, None)
             state.written.pop(key, None)

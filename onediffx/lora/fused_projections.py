@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
+from ..quantize.weights import is_quantized, requantize
 from .fit import lora_components
 
 
@@ -43,6 +44,11 @@ def sync(pipeline: Any, versions: Dict[int, Tuple[int, ...]]) -> int:
     for attention, fused, parts in _fused_attentions(pipeline):
         now = tuple(part.weight._version for part in parts)
         if versions.get(id(attention)) == now:
+            continue
+        if is_quantized(fused.weight):  # re-quantize the fused copy from its high-precision parts
+            requantize(fused.weight, torch.cat([part.weight for part in parts]))
+            versions[id(attention)] = now
+            synced += 1
             continue
         row = 0
         for part in parts:

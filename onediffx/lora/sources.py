@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..device import free_memory
 from .errors import LoraError, LoraFormatError, LoraNotFoundError
 
 Source = Union[str, os.PathLike, Dict[str, torch.Tensor]]
@@ -172,6 +173,8 @@ def _parse_header(raw: bytes, data_size: int) -> Tuple[List[_Entry], Dict[str, s
         header = json.loads(raw)
     except ValueError:
         raise _Unreadable("header is not JSON") from None
+    except RecursionError:
+        raise _Unreadable("header is nested too deeply") from None
     if not isinstance(header, dict):
         raise _Unreadable("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -188,12 +191,28 @@ def _parse_header(raw: bytes, data_size: int) -> Tuple[List[_Entry], Dict[str, s
         numbers = (*shape, begin, end)
         if set(map(type, numbers)) != {int} or min(numbers) < 0:  # no bools, floats or negatives
             raise _Unreadable(f"bad shape or offsets for {key!r}")
+        if max(shape, default=0) > data_size:  # no dimension can be longer than the file (2^64 with a 0 beside it)
+            raise _Unreadable(f"{key!r} has a dimension of {max(shape)}, longer than the file")
         if end - begin != math.prod(shape) * dtype.itemsize or begin > end:
             raise _Unreadable(f"{key!r} has {end - begin} bytes for shape {list(shape)}")
         if end > data_size:
             raise _Unreadable(f"{key!r} ends at byte {end} of a {data_size}-byte data section")
         entries.append(_Entry(key, dtype, shape, begin, end))
+    _check_tiling(entries, data_size)
     return entries, metadata
+
+
+def _check_tiling(entries: List[_Entry], data_size: int) -> None:
+    """Tensors tile the data section exactly, in offset order, as the safetensors library requires:
+    overlapping tensors would alias each other's bytes, and a gap hides data no tensor accounts for."""
+    position = 0
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            what = "overlaps the tensor before it" if entry.begin < position else "leaves a gap before it"
+            raise _Unreadable(f"{entry.key!r} at byte {entry.begin} {what}")
+        position = entry.end
+    if position != data_size:
+        raise _Unreadable(f"the tensors end at byte {position} of a {data_size}-byte data section")
 
 
 def _fill(f: Any, buffer: torch.Tensor) -> None:
@@ -266,7 +285,27 @@ def _read_safetensors(path: Path, device: torch.device) -> Tuple[Dict[str, torch
         ) from None
     if not state_dict:
         raise LoraFormatError(f"LoRA file {path} holds no tensors")
+    _check_finite(state_dict, str(path))
     return state_dict, metadata
+
+
+def _check_finite(state_dict: Dict[str, torch.Tensor], label: str) -> None:
+    """Refuse NaN or Inf factors now: fused, they turn every image black while reporting success.
+
+    One fused max-abs over all tensors per device (``get_total_norm`` with ``foreach``) costs a few
+    kernels, not one per tensor; only a file that fails is searched tensor by tensor for the message.
+    """
+    from torch.nn.utils import get_total_norm
+
+    floats = [t for t in state_dict.values() if t.is_floating_point() and t.numel()]
+    by_device: Dict[torch.device, List[torch.Tensor]] = {}
+    for t in floats:
+        by_device.setdefault(t.device, []).append(t)
+    if all(math.isfinite(float(get_total_norm(ts, norm_type=math.inf, foreach=True))) for ts in by_device.values()):
+        return
+    bad = next(k for k, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    raise LoraFormatError(f"LoRA {label}: tensor {bad!r} holds NaN or Inf values; the file is damaged: "
+                          "download or train it again")
 
 
 def _read_open(f: Any, file_size: int, device: torch.device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -285,6 +324,9 @@ def _read_open(f: Any, file_size: int, device: torch.device) -> Tuple[Dict[str, 
     size = max(e.end for e in entries)
     # Padded to 8 bytes so the buffer can be viewed as any dtype; the padding is never read.
     padded = (size + 7) // 8 * 8
+    free = free_memory(device)
+    if padded > free:  # a header may declare any size (a sparse file): refuse before allocating it
+        raise _Unreadable(f"its tensors take {padded / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}")
     host: Dict[str, torch.Tensor] = {}
     if device.type == "cuda":
         data = torch.empty(padded, dtype=torch.uint8, device=device)
@@ -321,6 +363,7 @@ def read_lora(source: Source, device: torch.device, *, weight_name: Optional[str
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise LoraFormatError(f"LoRA <state dict>: value of {bad[0]!r} is not a tensor")
+        _check_finite(source, "<state dict>")
         # Scalars (alphas) stay where they are: see _Entry.on_host.
         return RawLora({k: v if v.numel() == 1 else v.to(device) for k, v in source.items()}, "<state dict>")
     path = resolve_file(source, weight_name, subfolder=subfolder, cache_dir=cache_dir, revision=revision)

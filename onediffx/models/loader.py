@@ -47,6 +47,20 @@ def _from_hub_or_folder(cls: type, source: str, key: str, **kwargs: Any):
         raise _missing(key, source) from err
 
 
+def _check_safetensors(path: Path) -> None:
+    """A file named ``.safetensors`` that is not one (a renamed pickle, a truncated download) is one
+    line now, before diffusers starts guessing the checkpoint's layout from it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ConfigError(f"model.path: {str(path)!r} is not a readable safetensors file ({reason}); "
+                          "give a .safetensors checkpoint or a diffusers folder") from None
+
+
 def _load_path(cls: type, path: str, dtype: torch.dtype, variant: str | None):
     p = Path(path).expanduser()
     if not p.exists():
@@ -54,6 +68,7 @@ def _load_path(cls: type, path: str, dtype: torch.dtype, variant: str | None):
     if p.is_file():
         if p.suffix not in SINGLE_FILE_SUFFIXES:
             raise ConfigError(f"model.path: {path!r} is not a .safetensors file; pickle checkpoints are not loaded")
+        _check_safetensors(p)
         return cls.from_single_file(str(p), torch_dtype=dtype, local_files_only=True)
     return _from_hub_or_folder(cls, str(p), "model.path", torch_dtype=dtype, variant=variant)
 
@@ -65,6 +80,10 @@ def _extra_components(cfg: DictConfig, dtype: torch.dtype) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if cfg.controlnet:
         extra["controlnet"] = _from_hub_or_folder(ControlNetModel, cfg.controlnet, "model.controlnet", torch_dtype=dtype)
+    elif cfg.instantid:  # the IdentityNet: ControlNetModel/ of the InstantID checkpoint
+        from ..instantid.weights import load_identitynet
+
+        extra["controlnet"] = load_identitynet(cfg.instantid, dtype)
     if cfg.unet:
         extra["unet"] = _from_hub_or_folder(UNet2DConditionModel, cfg.unet, "model.unet", torch_dtype=dtype, variant=cfg.variant)
     return extra
@@ -77,7 +96,7 @@ def _build(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
 
         if not cfg.arch:
             raise ConfigError(f"model.arch: model {cfg.name!r} has no embedded architecture for model.synthetic=true")
-        return build_synthetic(cfg.arch, device, dtype, controlnet=bool(cfg.controlnet))
+        return build_synthetic(cfg.arch, device, dtype, controlnet=bool(cfg.controlnet or cfg.instantid))
     cls = pipeline_class(cfg.pipeline)
     if cfg.path:
         pipe = _load_path(cls, cfg.path, dtype, cfg.variant)
@@ -98,6 +117,21 @@ def _build(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     return _from_hub_or_folder(cls, cfg.pretrained, "model.pretrained", torch_dtype=dtype, variant=cfg.variant, **extra)
 
 
+def _attach_instantid(pipe: Any, cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """InstantID's face adapter on the UNet: seeded for ``synthetic``, else from the checkpoint folder."""
+    from ..instantid.hook import attach_face_adapter
+    from ..instantid.weights import (adapter_file, instantid_folder, read_face_adapter, seed_zero_convolutions,
+                                     synthetic_face_adapter)
+
+    if cfg.synthetic:
+        pipe = pipe.to(device)
+        seed_zero_convolutions(pipe.controlnet)
+        state_dict = synthetic_face_adapter(pipe.unet, device=device, dtype=dtype)
+    else:
+        state_dict = read_face_adapter(adapter_file(instantid_folder(cfg.instantid)))
+    return attach_face_adapter(pipe, state_dict)
+
+
 def scheduler_class(name: str) -> type:
     """The allow-listed diffusers scheduler class called ``name``."""
     if name not in SCHEDULERS:
@@ -110,6 +144,8 @@ def load_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     pipeline_class(cfg.pipeline)  # both checks run before any weights load
     scheduler = scheduler_class(cfg.scheduler) if cfg.scheduler else None
     pipe = _build(cfg, device, dtype)
+    if cfg.instantid and not cfg.builtin:  # built-in InstantID models come with their face adapter
+        pipe = _attach_instantid(pipe, cfg, device, dtype)
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)

@@ -118,6 +118,17 @@ def tiny_controlnet_xl() -> StableDiffusionXLControlNetPipeline:
     return StableDiffusionXLControlNetPipeline(**base.components, controlnet=controlnet)
 
 
+def tiny_instantid() -> StableDiffusionXLControlNetPipeline:
+    """Tiny SDXL + IdentityNet + a narrow face adapter (512-d face in, 16 tokens out), all seeded."""
+    from ..instantid.hook import attach_face_adapter
+    from ..instantid.weights import seed_zero_convolutions, synthetic_face_adapter
+
+    pipe = tiny_controlnet_xl()
+    seed_zero_convolutions(pipe.controlnet, seed=SEED + 3)
+    adapter = synthetic_face_adapter(pipe.unet, seed=SEED + 2, hidden=64, heads=1, dim_head=64)
+    return attach_face_adapter(pipe, adapter)
+
+
 def tiny_svd() -> StableVideoDiffusionPipeline:
     torch.manual_seed(SEED)
     unet = UNetSpatioTemporalConditionModel(
@@ -152,6 +163,7 @@ BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny_xl": tiny_sdxl,
     "tiny_controlnet": tiny_controlnet,
     "tiny_controlnet_xl": tiny_controlnet_xl,
+    "tiny_instantid": tiny_instantid,
     "tiny_svd": tiny_svd,
 }
 

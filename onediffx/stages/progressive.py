@@ -40,7 +40,8 @@ log = logging.getLogger("onediffx.compile")
 INTERIM_REGIONS = ["BasicTransformerBlock", "ResnetBlock2D"]
 """Blocks compiled one by one while the whole-component graphs compile (``compile.regions`` wins)."""
 
-BACKGROUND_STAGES = ["compile", "load-graph", "warmup", "save-graph"]
+BACKGROUND_STAGES = ["quantize", "compile", "load-graph", "warmup", "save-graph"]
+"""Quantization is part of what the graphs were traced over (and of their cache key): it stays."""
 
 
 def interim_regions(pipe: Any, options: CompileConfig) -> list[str]:
@@ -62,6 +63,8 @@ def background_config(cfg: DictConfig) -> DictConfig:
     out.compile.progressive = False
     out.stages = list(BACKGROUND_STAGES)
     out.lora = {}
+    if "quantize" in out:
+        out.quantize.quality = False  # measured by the serving process already
     out.startup_report = False
     return out
 
@@ -72,6 +75,7 @@ class Progressive:
     def __init__(self, cfg: DictConfig, backend: str, full: CompileConfig, on_miss: str) -> None:
         self.backend, self.full, self.on_miss = backend, full, on_miss
         self.cache_dir = str(cfg.cache.dir)
+        self.cache_access = dict(trusted=bool(cfg.cache.trusted), key_file=str(cfg.cache.key_file))
         Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
         fd, self.config_path = tempfile.mkstemp(prefix="progressive-", suffix=".yaml", dir=self.cache_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -112,7 +116,7 @@ class Progressive:
             return {**self.facts(), "switched": False, "reason": f"background exit {code}"}
         start = time.perf_counter()
         compile_pipe(pipe, self.backend, self.full, on_miss=self.on_miss)
-        found = load_pipe(pipe, self.cache_dir)
+        found = load_pipe(pipe, self.cache_dir, **self.cache_access)
         missed = sorted(k for k, v in found.items() if not v["hit"])
         if missed:  # those components compile at their next call, like any cache miss
             log.warning("compile.progressive: no saved graphs for %s; they compile at the next call", ", ".join(missed))
@@ -136,7 +140,7 @@ def start(asm: Assembly) -> dict[str, Any]:
     asm.add_before_call(switch_when_ready)
     asm.add_on_close(finish)
     compile_pipe(asm.pipe, state.backend, interim_options(state.options, regions), on_miss=on_miss)
-    return load_pipe(asm.pipe, asm.cfg.cache.dir)
+    return load_pipe(asm.pipe, asm.cfg.cache.dir, trusted=bool(asm.cfg.cache.trusted), key_file=str(asm.cfg.cache.key_file))
 
 
 def switch_when_ready(asm: Assembly) -> bool:

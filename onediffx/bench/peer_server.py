@@ -1,0 +1,137 @@
+"""The serving peer: a plain diffusers FastAPI server, as diffusers' docs would have one written.
+
+    python -m onediffx.bench.peer_server --arch sdxl --port 8001 --lora l1=/path/l1.safetensors \
+        --compile --warm '[{"size": "1024x1024", "loras": {"l1": 1.0}}]'
+
+One pipeline, the UNet ``torch.compile``d (channels-last, as in diffusers' torch.compile guide)
+after the LoRAs are loaded with ``load_lora_weights``; per request ``set_adapters`` picks the LoRA
+weights; one request at a time (a lock), the call in a thread so ``/readyz`` still answers. It
+speaks the same subset of the images API as ``onediffx serve``, so one client drives both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import signal
+import time
+from typing import Any, AsyncIterator, Optional
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+
+class PeerRequest(BaseModel):
+    prompt: str
+    n: int = Field(1, ge=1, le=16)
+    size: str = "1024x1024"
+    seed: int = 0
+    steps: int = Field(30, ge=1, le=500)
+    guidance: float = 7.5
+    negative_prompt: Optional[str] = None
+    loras: Optional[dict[str, float]] = None
+    response_format: str = "b64_json"
+
+
+def build(args: argparse.Namespace) -> Any:
+    from .peer_start import plain_pipeline
+
+    pipe, _ = plain_pipeline(args.arch, args.builtin)
+    for spec in args.lora:
+        name, path = spec.split("=", 1)
+        pipe.load_lora_weights(path, adapter_name=name)
+    if args.compile:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode=args.mode, fullgraph=True)
+    return pipe
+
+
+class Peer:
+    def __init__(self, pipe: Any, names: list[str]) -> None:
+        self.pipe, self.names = pipe, names
+        self.current: Optional[tuple[float, ...]] = None
+
+    def __call__(self, req: PeerRequest) -> list[bytes]:
+        width, height = (int(v) for v in req.size.split("x"))
+        if self.names:
+            weights = tuple(float((req.loras or {}).get(n, 0.0)) for n in self.names) if req.loras is not None \
+                else tuple(1.0 for _ in self.names)
+            if weights != self.current:
+                self.pipe.set_adapters(self.names, list(weights))
+                self.current = weights
+        generators = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.n)]
+        images = self.pipe(prompt=[req.prompt] * req.n, negative_prompt=[req.negative_prompt] * req.n
+                           if req.negative_prompt else None, height=height, width=width,
+                           num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators).images
+        out = []
+        for image in images:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+
+
+def create_app(args: argparse.Namespace) -> FastAPI:
+    state: dict[str, Any] = {"peer": None}
+    lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.get_running_loop().run_in_executor(None, load)
+        yield
+        await loading
+
+    app = FastAPI(title="diffusers peer", lifespan=lifespan)
+
+    def load() -> None:
+        pipe = build(args)
+        peer = Peer(pipe, [spec.split("=", 1)[0] for spec in args.lora])
+        for warm in json.loads(args.warm or "[]"):  # compile every size and LoRA setting before ready
+            peer(PeerRequest(prompt="warm-up", size=warm["size"], steps=2, loras=warm.get("loras")))
+        state["peer"] = peer
+
+    @app.get("/readyz")
+    async def readyz() -> Any:
+        return {"status": "ready"} if state["peer"] else JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        return {"status": "ok"}
+
+    @app.post("/v1/images/generations")
+    async def generations(req: PeerRequest) -> Any:
+        if state["peer"] is None:
+            return JSONResponse({"error": {"message": "loading", "type": "server_error"}}, status_code=503)
+        async with lock:  # one request at a time
+            pngs = await asyncio.to_thread(state["peer"], req)
+        return {"created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(p).decode("ascii"), "seed": req.seed + i} for i, p in enumerate(pngs)]}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="sdxl")
+    parser.add_argument("--builtin", default=None)
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--lora", action="append", default=[], help="name=path.safetensors, repeatable")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    parser.add_argument("--warm", default=None, help='JSON list of {"size": "WxH", "loras": {...}} to run before ready')
+    args = parser.parse_args()
+    server = uvicorn.Server(uvicorn.Config(create_app(args), host="127.0.0.1", port=args.port, log_level="warning"))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after draining: exit 0 instead
+        signal.signal(sig, lambda *_: None)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

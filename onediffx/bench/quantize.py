@@ -1,0 +1,156 @@
+"""Quantization in the bench: fp8/int8 beside unquantized onediffx and the diffusers-docs recipe.
+
+The ``quantize`` scenario runs, in one process on the same synthetic weights: diffusers eager (the
+reference image and one captured UNet call), the strongest plain-PyTorch recipe from diffusers'
+documentation, onediffx ``compile_pipe`` unquantized, and onediffx with each mode
+of ``bench.quantize_modes`` (``quantize_pipe`` then ``compile_pipe``). Every row has its end-to-end
+latency, UNet step, first call (compile or cache load included), peak memory, PSNR/SSIM of its image
+and the relative error of the captured UNet call against eager, its speed-up over eager and over
+the recipe (``recipe``), and on CUDA the time to switch between two loaded LoRAs (fused from the
+high-precision originals and re-quantized) with a check that unfusing is exact. Compiled graphs
+go through the graph cache (``cache.dir``), so a second run of the bench loads them instead of
+compiling (quantized UNets compile for minutes).
+
+The weights are random (``model.synthetic``): the quality columns say nothing broke, not how a
+real checkpoint fares under quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..assembly import Assembly
+from ..compile import compile_pipe, compile_state, load_pipe, save_pipe
+from ..generate import Settings, generate
+from ..quantize import QuantizeConfig, quantize_pipe, quantize_state
+from ..quantize.modes import check_supported
+from ..quantize.quality import Captured, capture_first_call, image_fidelity, output_error
+from .measure import UNetProbe, matmul_peak_tflops, timed
+from .recipe import RECIPE, recipe_row
+from .steady import _release, _row
+
+log = logging.getLogger("onediffx.bench")
+
+LORA_MB = [23.0, 28.0]
+"""Two LoRAs of common SDXL sizes (kohya, attention layers), switched between on each row's pipeline."""
+SWITCHES = 10
+
+
+def _lora_switching(pipe: Any, files: list[Path], device: torch.device) -> dict[str, Any]:
+    """Median milliseconds of switching between two loaded LoRAs (fuse from the originals, re-quantize),
+    and whether unfusing gave back the exact weights (quantized ones bit for bit)."""
+    from ..lora import delete_adapters, load_lora_and_optionally_fuse, set_and_fuse_adapters, unfuse_lora
+    from ..quantize.weights import inner_tensors
+
+    before = {n: [t.clone() for t in (inner_tensors(p) or [p])] for n, p in pipe.unet.named_parameters()}
+    names = [f"q{i}" for i in range(len(files))]
+    for name, path in zip(names, files):
+        load_lora_and_optionally_fuse(pipe, str(path), name, fuse=False, offload_device="cuda")
+    times = []
+    for i in range(SWITCHES + 1):
+        s, _ = timed(lambda: set_and_fuse_adapters(pipe, [names[i % len(names)]], [1.0]), device)
+        times.append(s)
+    unfuse_lora(pipe)
+    exact = all(all(torch.equal(a, b) for a, b in zip(inner_tensors(p) or [p], before[n]))
+                for n, p in pipe.unet.named_parameters())
+    delete_adapters(pipe)
+    return {"lora_switch_ms": round(statistics.median(times[1:]) * 1000, 1), "lora_unfuse_exact": exact}
+
+
+def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig, reference: np.ndarray,
+                  captured: Captured, floor_s: float, loras: list[Path]) -> dict[str, Any]:
+    options = OmegaConf.to_object(cfg.compile)
+    facts: dict[str, Any] = {}
+    if mode != "off":
+        start = time.perf_counter()
+        quantize_pipe(asm.pipe, options=QuantizeConfig(mode=mode))
+        state = quantize_state(asm.pipe)
+        facts.update(quantize_s=round(time.perf_counter() - start, 2), quantized_layers=len(state.layers),
+                     dtype=state.dtype, weight_mib=state.facts()["weight_mib_after"])
+        if asm.dtype != getattr(torch, state.dtype):
+            asm.dtype = getattr(torch, state.dtype)
+    error = output_error(asm.pipe.unet, captured)
+    compile_pipe(asm.pipe, options.backend, options)
+    cached = bool(cfg.cache.enabled) and compile_state(asm.pipe).backend != "none"
+    hit = None
+    if cached:
+        found = load_pipe(asm.pipe, cfg.cache.dir)
+        hit = bool(found) and all(v["hit"] for v in found.values())
+    first_s, _ = timed(lambda: generate(asm, settings), asm.device)
+    if cached and not hit:
+        save_pipe(asm.pipe, cfg.cache.dir, overwrite=False)
+    state = compile_state(asm.pipe)
+    preset = OmegaConf.select(cfg, "bench.compile_preset") or options.backend
+    row = _row(f"onediffx quantize={mode} compile={preset}", asm, settings, cfg, first_s, reference, floor_s)
+    row.update(facts, unet_rel_error=None if error is None else round(error, 5), cache_hit=hit,
+               graphs_compiled=sum(c.compiles for c in state.saveable.values()),
+               compile_s=round(sum(sum(c.compile_seconds) for c in state.saveable.values()), 1),
+               first_call_includes="cache load" if hit else ("compile" if cached or state.backend != "none" else None))
+    if loras:
+        row.update(_lora_switching(asm.pipe, loras, asm.device))
+    return row
+
+
+def _say(rows: list[dict[str, Any]]) -> None:
+    """Each row as it is measured, so a run cut short by a time limit still shows what it had."""
+    for row in rows:
+        print("bench quantize row:", json.dumps({k: v for k, v in row.items() if k != "image"}, default=str), flush=True)
+
+
+def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assembly]) -> list[dict[str, Any]]:
+    """Rows: eager, the diffusers-docs recipe, onediffx unquantized, onediffx per ``bench.quantize_modes``."""
+    settings = Settings.from_config(cfg)
+    device = asm.device
+    modes = [m for m in (OmegaConf.select(cfg, "bench.quantize_modes") or ["fp8", "int8"]) if m != "off"]
+    probe = UNetProbe(asm.pipe.unet)
+    with capture_first_call(asm.pipe.unet) as captured:
+        first_s, _ = timed(lambda: generate(asm, settings), device)
+    flops = probe.flops(asm.pipe.unet)
+    peak = matmul_peak_tflops(device, asm.dtype if device.type == "cuda" else torch.float32)
+    floor_s = flops / (peak * 1e12)
+    rows = [_row("diffusers eager", asm, settings, cfg, first_s, None, floor_s)]
+    reference = rows[0]["image"]
+    loras: list[Path] = []
+    if device.type == "cuda":  # generated from the unquantized weights, read by every row
+        from .lora import _generate
+
+        folder = Path(tempfile.mkdtemp(prefix="onediffx-qlora-"))
+        loras = [path for path, _ in _generate(asm.pipe, LORA_MB, folder)]
+    if OmegaConf.select(cfg, "bench.recipe_peer", default=True):
+        rows.append(recipe_row(asm, settings, cfg, reference, floor_s, _row,
+                               OmegaConf.select(cfg, "bench.recipe_mode") or "reduce-overhead"))
+    _say(rows)
+    for mode in ["off", *modes]:
+        asm = _release(asm, fresh)
+        try:
+            check_supported(mode, device) if mode != "off" else None
+            rows.append(_onediffx_row(asm, mode, settings, cfg, reference, captured, floor_s, loras))
+        except Exception as err:  # one mode this card cannot run (or an OOM) must not lose the others
+            log.exception("bench quantize=%s failed", mode)
+            rows.append({"scenario": "quantize", "method": f"onediffx quantize={mode}",
+                         "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+        _say(rows[-1:])
+    eager = rows[0]["e2e_s"]
+    recipe = next((r["e2e_s"] for r in rows if r.get("method", "").startswith(RECIPE)), None)
+    for row in rows:
+        row["scenario"] = "quantize"
+        image = row.pop("image", None)
+        if "e2e_s" not in row:
+            continue
+        row["speedup"] = round(eager / row["e2e_s"], 3)
+        row["speedup_vs_recipe"] = None if recipe is None else round(recipe / row["e2e_s"], 3)
+        if image is not None and row is not rows[0]:
+            ssim = image_fidelity(reference.astype(np.uint8), image.astype(np.uint8))[1]
+            row["ssim_vs_eager"] = None if ssim is None else round(ssim, 4)
+    rows[0]["quality_note"] = "random (synthetic) weights: PSNR/SSIM/rel. error show nothing broke, not real-model quality"
+    return rows

@@ -1,0 +1,57 @@
+"""The strongest plain-PyTorch peer: diffusers' documented ``torch.compile`` recipe for SDXL.
+
+Channels-last UNet and VAE, fused q/k/v projections, the UNet compiled whole
+(``mode="reduce-overhead"``: Inductor's CUDA graphs, or ``max-autotune-no-cudagraphs``) and the VAE's
+``decode`` compiled, with the Inductor flags the guide sets. The steady and quantize scenarios
+quote every onediffx row against it (``speedup_vs_recipe``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ..assembly import Assembly
+from ..generate import Settings, generate
+from .measure import timed
+
+RECIPE = "diffusers-docs torch.compile recipe"
+RECIPE_INDUCTOR = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
+"""The Inductor flags diffusers' SDXL torch.compile guide sets (its coordinate-descent tuning is left
+out: it multiplies compile time for a percent or two)."""
+
+
+@contextmanager
+def _inductor_config(values: dict[str, Any]) -> Iterator[None]:
+    import torch._inductor.config as config
+
+    old = {k: getattr(config, k) for k in values}
+    for k, v in values.items():
+        setattr(config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(config, k, v)
+
+
+def recipe_row(asm: Assembly, settings: Settings, cfg: DictConfig, reference: np.ndarray, floor_s: float,
+               row: Callable[..., dict[str, Any]], mode: str = "reduce-overhead") -> dict[str, Any]:
+    """diffusers' documented recipe, in place on ``asm.pipe``: channels-last UNet and VAE, fused q/k/v,
+    ``torch.compile(unet, mode=mode, fullgraph=True)`` and a compiled ``vae.decode``; ``row`` measures it
+    (the steady scenario's row function)."""
+    pipe = asm.pipe
+    with _inductor_config(RECIPE_INDUCTOR):
+        pipe.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
+        first_s, _ = timed(lambda: generate(asm, settings), asm.device)
+        out = row(f"{RECIPE} ({mode})", asm, settings, cfg, first_s, reference, floor_s)
+    out["first_call_includes"] = "compile"
+    return out

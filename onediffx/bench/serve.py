@@ -1,0 +1,300 @@
+"""The ``serve`` scenario: ``onediffx serve`` against a plain diffusers FastAPI server, over HTTP.
+
+Both servers run as subprocesses on this machine with the same model, the same two seeded LoRA
+files and the same fixed request mix (two sizes, two LoRAs, one image per request). Each is driven
+closed-loop at each of ``bench.serve_concurrency`` clients, then open-loop (Poisson arrivals) at
+80% of the best throughput it reached; rows give images/s, p50/p99 latency and, for onediffx, the
+mean batch size and LoRA switches read from ``/metrics``. onediffx starts twice, cold (compiles and
+saves its graphs) and warm (loads them): the time from process start to ``/readyz`` is a row of its
+own. The peer (``peer_server``) compiles the UNet with ``torch.compile`` and answers one request at
+a time; it is warmed on every size and LoRA of the mix before it says ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import count
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from omegaconf import DictConfig
+
+from ..client import AsyncClient, Client
+from ..errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red fox in the snow, golden hour",
+           "a watercolor of a lighthouse", "a bowl of ramen, studio lighting"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sizes(cfg: DictConfig) -> list[tuple[int, int]]:
+    """(height, width): the run's size and a landscape one three quarters as tall."""
+    height, width = cfg.height or cfg.model.height, cfg.width or cfg.model.width
+    return [(height, width), (max(8, height * 3 // 4 // 8 * 8), width)]
+
+
+def _loras(cfg: DictConfig, folder: Path) -> dict[str, Path]:
+    """Two seeded rank-8 LoRAs (UNet attention, text encoders) for this model, and their conf entries."""
+    import torch
+
+    from ..lora.synthetic import lora_targets, random_lora, save_kohya
+
+    if cfg.model.builtin:
+        from ..models.tiny import build_tiny
+
+        pipe = build_tiny(cfg.model.builtin)
+    elif cfg.model.synthetic:
+        from ..models.synthetic import build_synthetic
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = build_synthetic(cfg.model.arch, device, torch.float16 if device == "cuda" else torch.float32)
+    else:
+        raise ConfigError("bench.scenarios: serve needs model.synthetic=true or a built-in model (seeded LoRAs)")
+    targets = {k: m for k, m in lora_targets(pipe, conv=False).items() if k[0] != "unet" or "attentions." in k[1]}
+    sdxl = hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None
+    naming = {"sgm_layers_per_block": pipe.unet.config.layers_per_block} if sdxl else {"te_prefixes": ("lora_te_", "")}
+    files = {}
+    (folder / "conf" / "lora").mkdir(parents=True)
+    for i, name in enumerate(("l1", "l2")):
+        path = save_kohya(random_lora(targets, 8, seed=200 + i), folder / f"{name}.safetensors",
+                          dtype=torch.float16, **naming)
+        (folder / "conf" / "lora" / f"{name}.yaml").write_text(f"# @package lora.{name}\nsource: {path}\nscale: 1.0\n")
+        files[name] = path
+    del pipe, targets
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return files
+
+
+def request_mix(cfg: DictConfig, count_: int, start: int = 0) -> list[dict[str, Any]]:
+    """The fixed mix: sizes and LoRAs alternate so that every batch key recurs."""
+    sizes, steps = _sizes(cfg), cfg.steps or cfg.model.steps
+    out = []
+    for i in range(start, start + count_):
+        height, width = sizes[i % 2]
+        out.append({"prompt": PROMPTS[i % len(PROMPTS)], "size": f"{width}x{height}", "steps": steps,
+                    "seed": i, "loras": {("l1", "l2")[(i // 2) % 2]: 1.0}})
+    return out
+
+
+class _Process:
+    def __init__(self, label: str, cmd: list[str], env: dict[str, str], log: Path, port: int) -> None:
+        self.label, self.log, self.url = label, log, f"http://127.0.0.1:{port}"
+        self.started = time.perf_counter()
+        with log.open("w") as f:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=log.parent, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> float:
+        with Client(self.url) as client:
+            deadline = time.perf_counter() + timeout
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.label} exited ({self.proc.returncode}): {self.tail()}")
+                try:
+                    if client.http.get("/readyz", timeout=5).status_code == 200:
+                        return time.perf_counter() - self.started
+                except Exception:  # noqa: BLE001 - not listening yet
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.label} not ready within {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        lines = [l for l in self.log.read_text(errors="replace").splitlines() if l.strip()]
+        return " | ".join(lines[-3:])
+
+    def stop(self) -> Optional[int]:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait()
+
+
+def _env(work: Path, inductor: str) -> dict[str, str]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / inductor), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    for key in ("ONEDIFFX_FULL_ERROR", "HYDRA_FULL_ERROR"):
+        env.pop(key, None)
+    return env
+
+
+def _onediffx(cfg: DictConfig, work: Path, label: str) -> _Process:
+    port = _free_port()
+    model = cfg.model
+    sizes = _sizes(cfg)
+    compiled = cfg.compile.backend != "none"
+    most = cfg.bench.serve_max_batch
+    batch_sizes = sorted({b for b in (1, 2, 4, 8, 16) if b < most} | {most}) if compiled else []
+    shapes = ",".join(f"{{height:{h},width:{w},batch:1}}" for h, w in sizes)
+    cmd = [sys.executable, "-m", "onediffx", "serve", f"model={model.name}",
+           f"model.synthetic={str(model.synthetic).lower()}", f"compile={cfg.bench.compile_preset}",
+           f"height={sizes[0][0]}", f"width={sizes[0][1]}", f"steps={cfg.steps or model.steps}",
+           f"cache.dir={work / 'graphs'}", f"hydra.searchpath=[file://{work / 'conf'}]", "lora=[l1,l2]",
+           f"warmup.shapes=[{shapes}]", "warmup.on_cache_hit=run", f"serve.port={port}",
+           f"serve.max_batch={cfg.bench.serve_max_batch}", f"serve.batch_sizes=[{','.join(map(str, batch_sizes))}]",
+           "serve.queue_limit=1024", "serve.request_timeout_s=1800", f"device={cfg.device}"]
+    return _Process(label, cmd, _env(work, "inductor-onediffx"), work / f"{label.split()[0]}-{int(time.time())}.log", port)
+
+
+def _peer(cfg: DictConfig, work: Path, files: dict[str, Path]) -> _Process:
+    port = _free_port()
+    model = cfg.model
+    source = ["--builtin", model.builtin] if model.builtin else ["--arch", model.arch]
+    warm = [{"size": f"{w}x{h}", "loras": {name: 1.0}} for h, w in _sizes(cfg) for name in files]
+    cmd = [sys.executable, "-m", "onediffx.bench.peer_server", *source, "--port", str(port), "--warm", json.dumps(warm)]
+    cmd += [arg for name, path in files.items() for arg in ("--lora", f"{name}={path}")]
+    if "torch.compile" in _peer_label(cfg):
+        cmd.append("--compile")
+    return _Process(_peer_label(cfg), cmd, _env(work, "inductor-peer"), work / "peer.log", port)
+
+
+def _peer_label(cfg: DictConfig) -> str:
+    compiled = cfg.bench.peer_compile and cfg.compile.backend != "none"
+    return f"diffusers{' + torch.compile' if compiled else ' eager'} (1 at a time)"
+
+
+def _metric_sums(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with Client(url) as client:
+        response = client.http.get("/metrics")
+    if response.status_code != 200:
+        return {}
+    wanted = {"onediffx_batch_size_sum", "onediffx_batch_size_count", "onediffx_lora_switches_total"}
+    return {s.name: s.value for f in text_string_to_metric_families(response.text) for s in f.samples
+            if s.name in wanted}
+
+
+def _stats(latencies: list[float], images: int, wall: float, errors: int) -> dict[str, Any]:
+    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
+    return {"requests": len(latencies) + errors, "errors": errors, "images_per_s": round(images / wall, 3),
+            "p50_s": round(float(np.percentile(lat, 50)), 3), "p99_s": round(float(np.percentile(lat, 99)), 3)}
+
+
+async def _closed(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    latencies, errors, images = [], 0, 0
+    queue = iter(bodies)
+    async with AsyncClient(url, timeout=3600) as client:
+        async def worker() -> None:
+            nonlocal errors, images
+            for body in queue:
+                start = time.perf_counter()
+                response = await client.request(body)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                    images += len(response.json()["data"])
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return _stats(latencies, images, wall, errors)
+
+
+async def _open(url: str, bodies: list[dict[str, Any]], rate: float, seed: int = 0) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` requests/s; latency counts from the scheduled arrival."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(bodies))
+    latencies, errors, images = [], 0, 0
+    async with AsyncClient(url, timeout=3600, max_connections=1024) as client:
+        start = time.perf_counter()
+
+        async def one(at: float, body: dict[str, Any]) -> None:
+            nonlocal errors, images
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            response = await client.request(body)
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - (start + at))
+                images += len(response.json()["data"])
+            else:
+                errors += 1
+
+        await asyncio.gather(*(one(at, body) for at, body in zip(np.cumsum(gaps), bodies)))
+        wall = time.perf_counter() - start
+    return {**_stats(latencies, images, wall, errors), "offered_per_s": round(rate, 3)}
+
+
+def _drive(cfg: DictConfig, server: str, url: str) -> list[dict[str, Any]]:
+    rows, offset, best = [], count(0, 1000), 0.0
+    for concurrency in cfg.bench.serve_concurrency:
+        n = max(cfg.bench.serve_requests, 2 * concurrency)
+        before = _metric_sums(url)
+        result = asyncio.run(_closed(url, request_mix(cfg, n, next(offset)), concurrency))
+        after = _metric_sums(url)
+        best = max(best, result["images_per_s"])
+        rows.append({"scenario": "serve", "server": server, "load": f"closed, {concurrency} clients", **result,
+                     **_batching(before, after)})
+    if best > 0:
+        before = _metric_sums(url)
+        result = asyncio.run(_open(url, request_mix(cfg, cfg.bench.serve_requests, next(offset)), 0.8 * best))
+        rows.append({"scenario": "serve", "server": server, "load": "open (Poisson), 80% of best", **result,
+                     **_batching(before, _metric_sums(url))})
+    return rows
+
+
+def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    if not after:
+        return {"mean_batch": 1.0, "lora_switches": None}
+    calls = after["onediffx_batch_size_count"] - before.get("onediffx_batch_size_count", 0.0)
+    images = after["onediffx_batch_size_sum"] - before.get("onediffx_batch_size_sum", 0.0)
+    switches = after.get("onediffx_lora_switches_total", 0.0) - before.get("onediffx_lora_switches_total", 0.0)
+    return {"mean_batch": round(images / calls, 2) if calls else None, "lora_switches": int(switches)}
+
+
+def _ready_row(server: str, label: str, seconds: float, exit_code: Optional[int]) -> dict[str, Any]:
+    return {"scenario": "serve", "server": server, "load": label, "ready_s": round(seconds, 2), "exit_code": exit_code}
+
+
+def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Rows for onediffx (cold and warm start, then load levels) and the diffusers peer."""
+    timeout = cfg.bench.serve_ready_timeout
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="onediffx-serve-bench-") as tmp:
+        work = Path(tmp)
+        files = _loras(cfg, work)
+        cold = _onediffx(cfg, work, "onediffx cold")
+        try:
+            cold_s = cold.wait_ready(timeout)
+        finally:
+            code = cold.stop()
+        what = "cold (compile + save graphs)" if cfg.compile.backend != "none" else "first start"
+        rows.append(_ready_row("onediffx", f"start → /readyz, {what}", cold_s, code))
+        warm = _onediffx(cfg, work, "onediffx warm")
+        try:
+            warm_s = warm.wait_ready(timeout)
+            measured = _drive(cfg, "onediffx", warm.url)
+        finally:
+            code = warm.stop()
+        rows.append(_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code))
+        rows += measured
+        peer = _peer(cfg, work, files)
+        try:  # a peer that fails (a recompile storm, an OOM) must not lose onediffx's rows
+            peer_s = peer.wait_ready(timeout)
+            measured = _drive(cfg, peer.label, peer.url)
+        except Exception as err:  # noqa: BLE001
+            peer.stop()
+            return rows + [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
+        code = peer.stop()
+        rows.append(_ready_row(peer.label, "start → /readyz, cold", peer_s, code))
+        rows += measured
+    return rows

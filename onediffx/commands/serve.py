@@ -1,0 +1,102 @@
+"""``python -m onediffx serve``: the assembled pipeline behind HTTP (FastAPI on uvicorn).
+
+The config is ``run``'s (so ``+launch=sdxl_prod`` serves what it runs) plus ``serve.*``. Config
+mistakes fail before the server listens; the pipeline then assembles in the background while
+``/healthz`` answers and ``/readyz`` says 503. SIGTERM (or Ctrl+C) stops accepting connections,
+answers every request already received, and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ..errors import ConfigError, NotAvailableError
+from ..launch import startup_table
+from ..resolver import plan
+
+
+def _server_stack() -> Any:
+    try:
+        import uvicorn
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as err:
+        raise NotAvailableError(f"serve: {err.name} is not installed; pip install 'onediffx[serve]'") from None
+    return uvicorn
+
+
+def check_serve(cfg: DictConfig) -> None:
+    """``serve.*`` ranges, each failure naming its key and what is allowed."""
+    s = cfg.serve
+    checks = [
+        ("serve.port", s.port, 0 <= s.port <= 65535, "a port from 0 to 65535"),
+        ("serve.max_batch", s.max_batch, 1 <= s.max_batch <= 256, "an integer from 1 to 256"),
+        ("serve.batch_wait_ms", s.batch_wait_ms, 0 <= s.batch_wait_ms <= 60_000, "0 to 60000 ms"),
+        ("serve.queue_limit", s.queue_limit, s.queue_limit >= 1, "an integer >= 1"),
+        ("serve.request_timeout_s", s.request_timeout_s, s.request_timeout_s > 0, "a number of seconds > 0"),
+        ("serve.max_steps", s.max_steps, s.max_steps >= 1, "an integer >= 1"),
+        ("serve.max_size", s.max_size, s.max_size >= 8 and s.max_size % 8 == 0, "a multiple of 8, at least 8"),
+        ("serve.max_prompt_chars", s.max_prompt_chars, s.max_prompt_chars >= 1, "an integer >= 1"),
+        ("serve.deepcache", s.deepcache, s.deepcache is None or s.deepcache >= 1, "null or an interval >= 1"),
+        ("serve.batch_sizes", list(s.batch_sizes), all(1 <= b <= s.max_batch for b in s.batch_sizes)
+         and (not s.batch_sizes or max(s.batch_sizes) == s.max_batch),
+         f"sizes from 1 to serve.max_batch={s.max_batch}, the largest equal to it (every call must fit one)"),
+    ]
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+
+def serve_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Serve until SIGTERM/SIGINT; returns once every received request is answered."""
+    check_serve(cfg)
+    if cfg.serve.engine == "ray":
+        from ..serve.ray_engine import serve_ray
+
+        return serve_ray(cfg)
+    uvicorn = _server_stack()
+    from ..serve.app import create_app
+    from ..serve.engine import LocalEngine
+
+    plan(cfg)  # stage names and options, LoRA files: checked before anything listens or loads
+    engine = LocalEngine(cfg)
+    app = create_app(engine)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_config=None,
+                                           access_log=False, lifespan="on", timeout_graceful_shutdown=None))
+
+    def ready(engine: LocalEngine) -> None:
+        devices = ", ".join(str(r.asm.device) for r in engine.replicas)
+        if cfg.startup_report:
+            asm = engine.replicas[0].asm
+            print(startup_table(asm.report, backend=cfg.compile.backend, cache_dir=cfg.cache.dir,
+                                title=f"start-up: model {cfg.model.name} on {devices}"), flush=True)
+        print(f"onediffx serve: ready in {engine.ready_seconds:.1f} s ({len(engine.devices)} replica(s): {devices})",
+              flush=True)
+
+    def failed(err: BaseException) -> None:
+        server.should_exit = True
+
+    engine.on_ready, engine.on_failure = ready, failed
+    print(f"onediffx serve: listening on http://{cfg.serve.host}:{cfg.serve.port} (POST /v1/images/generations, "
+          f"/docs; ready when /readyz answers 200)", flush=True)
+    # uvicorn re-raises the signal that stopped it once it has drained; a handler that returns makes
+    # that a clean exit (0) instead of a kill by the signal.
+    previous = {sig: signal.signal(sig, _drained) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if engine.error is not None:
+        raise engine.error
+    print("onediffx serve: stopped; every request received was answered", file=sys.stderr, flush=True)
+    return {"status": "ok"}
+
+
+def _drained(signum: int, frame: Any) -> None:
+    """Runs when uvicorn re-raises the signal after its graceful shutdown: nothing left to do."""

@@ -1,0 +1,96 @@
+"""``QuantizeConfig``: what ``quantize_pipe`` quantizes and how, for the Python API and the ``quantize`` group.
+
+The ``quantize`` group's schema is this dataclass, so a preset file, a command-line override and a
+``quantize_pipe(...)`` call are checked by the same types and the same ``validate``. This module
+imports nothing heavy: composing a config must not import torch or torchao.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List
+
+from ..errors import ConfigError
+
+
+class QuantizeMode(str, Enum):
+    """What the quantized layers compute with (``quantize=off|fp8|int8|fp8_weight_only|int8_weight_only``)."""
+
+    off = "off"
+    fp8 = "fp8"
+    """fp8 (e4m3) activations and weights, row-wise scales, fp8 matmuls: GPUs of compute capability >= 8.9."""
+    int8 = "int8"
+    """int8 activations (dynamic, per token) and weights (per channel), int8 matmuls: Ampere GPUs and CPUs."""
+    fp8_weight_only = "fp8_weight_only"
+    """fp8 weights dequantized for bf16 matmuls: half the weight memory, no speed-up."""
+    int8_weight_only = "int8_weight_only"
+    """int8 weights, half-precision matmuls: half (a quarter on float32) the weight memory."""
+
+
+class KeepOriginals(str, Enum):
+    """Where the high-precision weights of quantized layers are kept (``quantize.keep_originals``).
+
+    LoRA fusing computes from them (fuse, then re-quantize the touched layers); without them a LoRA
+    cannot be fused into a quantized layer.
+    """
+
+    cpu = "cpu"
+    device = "device"
+    none = "none"
+
+
+DEFAULT_EXCLUDE = ["*time_embedding*", "*time_embed.*", "*add_embedding*", "*conv_in", "*conv_out", "*norm*"]
+"""Layers known to be sensitive or too small to gain: the timestep and added-condition embeddings,
+the first and last convolutions, and anything inside a norm (AdaLayerNorm's modulation linears).
+Patterns are ``fnmatch`` patterns on ``<component>.<module path>`` (``unet.time_embedding.linear_1``);
+``quantize.exclude`` adds more."""
+
+
+@dataclass
+class QuantizeConfig:
+    """The ``quantize`` config group and ``quantize_pipe``'s options."""
+
+    mode: QuantizeMode = QuantizeMode.off
+    components: List[str] = field(default_factory=lambda: ["unet"])
+    """Pipeline attributes to quantize: ``unet`` (default), ``transformer``, ``controlnet``, ``vae.decoder``."""
+    exclude: List[str] = field(default_factory=list)
+    """More ``fnmatch`` patterns of layers to leave in high precision, added to ``DEFAULT_EXCLUDE``
+    (e.g. ``["unet.down_blocks.0.*", "*.attn2.to_out.0"]``)."""
+    default_exclude: bool = True
+    """Apply ``DEFAULT_EXCLUDE`` (time embedding, first/last convolutions, norms)."""
+    min_features: int = 16
+    """Leave layers with fewer input or output features than this in high precision (their matmuls
+    are too small for quantization to pay for its own scaling)."""
+    cross_attention_kv: bool = False
+    """Quantize, in the dynamic modes (fp8, int8), the key/value projections of cross-attentions too
+    (``attn2.to_k``/``to_v``/``to_kv``, IP-Adapter's ``to_k_ip``/``to_v_ip``). Off: they read the
+    text encoder's 77 tokens, so quantizing them gains nothing, and an empty negative prompt's
+    all-zero states (SDXL) would reach them as all-zero activation rows. Weight-only modes quantize them."""
+    conv_1x1: bool = False
+    """Quantize 1x1 convolutions as the matrix multiplies they are (the module becomes an
+    ``nn.Linear`` over the channel dimension; its state dict then holds a 2-D weight)."""
+    fuse_qkv: bool = True
+    """Fuse each attention's q/k/v projections (diffusers' ``fuse_qkv_projections``) before quantizing:
+    one quantized matmul instead of three, and what ``compile.fuse_qkv`` would do later, which it
+    cannot do to quantized weights."""
+    keep_originals: KeepOriginals = KeepOriginals.cpu
+    """Keep high-precision copies of quantized weights (``cpu``, ``device``, ``none``) for LoRA fusing."""
+    quality: bool = True
+    """The ``quantize`` stage generates one image before and one after quantizing (same seed, eager)
+    and reports PSNR/SSIM and one UNet output's relative error in metrics.json."""
+
+    def validate(self, prefix: str = "quantize.") -> None:
+        """Checks types cannot express; ``prefix`` names the keys as the user wrote them."""
+        if self.min_features < 1:
+            raise ConfigError(f"{prefix}min_features={self.min_features} must be >= 1")
+        allowed = ("unet", "transformer", "controlnet", "vae.decoder", "vae")
+        for name in self.components:
+            if name not in allowed:
+                raise ConfigError(f"{prefix}components: {name!r} is not one of {', '.join(allowed)}")
+        if not self.components and self.enabled:
+            raise ConfigError(f"{prefix}components is empty; name at least one (e.g. [unet]) or use quantize=off")
+
+    @property
+    def enabled(self) -> bool:
+        return QuantizeMode(self.mode) != QuantizeMode.off

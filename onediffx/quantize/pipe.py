@@ -1,0 +1,234 @@
+"""``quantize_pipe``: open fp8/int8 quantization of a diffusers pipeline's heavy components, via torchao.
+
+    pipe = quantize_pipe(pipe, mode="fp8")    # UNet linear layers: fp8 weights and activations
+    pipe = compile_pipe(pipe)                  # Inductor fuses the scaling into the matmuls
+
+Quantization comes before compiling (graphs are traced over the quantized weights) and before
+LoRA fusing (which then works from the kept high-precision originals: see ``weights``). torchao
+does the arithmetic; this module chooses the layers (``select``), checks the device (``modes``)
+and records what it did, for metrics, the graph cache's key and LoRA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field, fields, replace
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..compile.fused_qkv import fuse_qkv
+from ..errors import ConfigError
+from ..lora.fuse import STATE_ATTR as LORA_STATE
+from .config import KeepOriginals, QuantizeConfig, QuantizeMode
+from .modes import check_supported, needed_dtype, torchao_config
+from .select import PointwiseConv, Selection, is_pointwise_conv, select
+from .weights import QuantizedWeight, register
+
+log = logging.getLogger("onediffx.quantize")
+
+STATE_ATTR = "_onediffx_quantize"
+
+
+@dataclass
+class QuantizeState:
+    """What ``quantize_pipe`` did to a pipeline, kept on it as ``pipe._onediffx_quantize``."""
+
+    config: QuantizeConfig
+    layers: list[str] = field(default_factory=list)
+    """Qualified names (``unet.down_blocks.1...to_qkv``) of the quantized layers."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Linear layers left in high precision, with the reason."""
+    records: list[QuantizedWeight] = field(default_factory=list, repr=False)
+    """One per quantized weight (how it was made, its original): what LoRA fusing re-quantizes with."""
+    dtype_from: Optional[str] = None
+    """The pipeline's dtype before quantizing, when the mode needed another (fp8: bfloat16)."""
+    dtype: str = ""
+    seconds: float = 0.0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def facts(self) -> dict[str, Any]:
+        """The state as metrics.json reports it."""
+        reasons: dict[str, int] = {}
+        for why in self.skipped.values():
+            reasons[why.split(" (")[0]] = reasons.get(why.split(" (")[0], 0) + 1
+        return {
+            "mode": QuantizeMode(self.config.mode).value, "components": list(self.config.components),
+            "layers": len(self.layers), "quantized_layers": list(self.layers), "skipped": reasons,
+            "dtype": self.dtype, "dtype_changed_from": self.dtype_from,
+            "dtype_note": (f"{QuantizeMode(self.config.mode).value} needs {self.dtype} weights (torchao's fp8 "
+                           f"kernels); the pipeline was converted from {self.dtype_from}") if self.dtype_from else None,
+            "weight_mib_before": round(self.bytes_before / 2**20, 1), "weight_mib_after": round(self.bytes_after / 2**20, 1),
+            "conv_1x1": self.config.conv_1x1, "keep_originals": KeepOriginals(self.config.keep_originals).value,
+            "quantize_seconds": round(self.seconds, 3),
+        }
+
+
+def quantize_state(pipe: Any) -> Optional[QuantizeState]:
+    return getattr(pipe, STATE_ATTR, None)
+
+
+def options_of(mode: Any = None, options: Optional[QuantizeConfig] = None, **overrides: Any) -> QuantizeConfig:
+    """A ``QuantizeConfig`` from ``options`` (or the defaults), ``mode`` and keyword overrides."""
+    config = options if options is not None else QuantizeConfig()
+    known = {f.name for f in fields(QuantizeConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"quantize_pipe: unexpected option(s) {', '.join(unknown)}; options: {', '.join(sorted(known))}")
+    if mode is not None:
+        try:
+            overrides["mode"] = QuantizeMode(getattr(mode, "value", mode))
+        except ValueError:
+            raise ConfigError(f"quantize.mode: {mode!r} is not one of {', '.join(m.value for m in QuantizeMode)}") from None
+    for key, enum in (("keep_originals", KeepOriginals),):
+        if key in overrides:
+            overrides[key] = enum(getattr(overrides[key], "value", overrides[key]))
+    config = replace(config, **overrides)
+    config.validate()
+    return config
+
+
+def find_module(pipe: Any, path: str) -> Optional[nn.Module]:
+    obj = pipe
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, nn.Module) else None
+
+
+def _device_dtype(pipe: Any, modules: list[nn.Module]) -> tuple[torch.device, torch.dtype]:
+    param = next(modules[0].parameters())
+    return param.device, param.dtype
+
+
+def _weight_bytes(modules: list[nn.Module]) -> int:
+    total = 0
+    for module in modules:
+        for param in module.parameters():
+            from .weights import inner_tensors
+
+            parts = inner_tensors(param) or [param]
+            total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+def _keep(weight: torch.Tensor, where: KeepOriginals) -> Optional[torch.Tensor]:
+    if where == KeepOriginals.none:
+        return None
+    if where == KeepOriginals.device or weight.device.type == "cpu":
+        return weight.detach()  # the tensor quantize_ replaces: holding it costs nothing more than keeping it
+    host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+    return host.copy_(weight.detach(), non_blocking=True)
+
+
+def _swap_pointwise(component: nn.Module, prefix: str, chosen: set[str]) -> None:
+    """Replace the chosen 1x1 convolutions of ``component`` by ``PointwiseConv`` (same weights)."""
+    for path, module in list(component.named_modules()):
+        name = f"{prefix}.{path}" if path else prefix
+        if name in chosen and is_pointwise_conv(module):
+            parent_path, _, leaf = path.rpartition(".")
+            parent = component.get_submodule(parent_path) if parent_path else component
+            setattr(parent, leaf, PointwiseConv.from_conv(module))
+
+
+def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig] = None, **overrides: Any) -> Any:
+    """Quantize the linear layers of the pipeline's ``components`` in place and return the pipeline.
+
+    ``mode``: ``fp8`` (compute capability >= 8.9), ``int8`` (Ampere, CPUs), ``fp8_weight_only``,
+    ``int8_weight_only``, or ``off``; ``None`` takes ``options.mode``, or ``fp8`` without ``options``.
+    ``options`` is a ``QuantizeConfig``; keyword overrides set its fields (``components=["unet",
+    "controlnet"]``, ``exclude=["*attn2*"]``, ``min_features=64``, ``conv_1x1=True``, ``fuse_qkv=False``,
+    ``keep_originals="none"``). Call it before ``compile_pipe`` and before fusing LoRAs. fp8 converts
+    the pipeline to bfloat16 (torchao's fp8 kernels take bfloat16).
+    """
+    config = options_of(QuantizeMode.fp8 if mode is None and options is None else mode, options, **overrides)
+    if not config.enabled:
+        return pipe
+    if quantize_state(pipe) is not None:
+        raise ConfigError("quantize_pipe: this pipeline is quantized already; load it afresh to quantize it differently")
+    lora = getattr(pipe, LORA_STATE, None)
+    if lora is not None and lora.fused:
+        raise ConfigError("quantize_pipe: LoRAs are fused into this pipeline; quantize first, then fuse them "
+                          "(fusing into quantized weights works from their high-precision originals)")
+    found = {path: m for path in config.components if (m := find_module(pipe, path)) is not None}
+    if not found:
+        raise ConfigError(f"quantize.components: none of {', '.join(config.components)} is in this "
+                          f"{type(pipe).__name__}")
+    start = time.perf_counter()
+    device, dtype = _device_dtype(pipe, list(found.values()))
+    check_supported(config.mode, device)
+    torchao = torchao_config(config.mode)  # imports torchao (quietly) before anything changes
+    state = QuantizeState(config=config, bytes_before=_weight_bytes(list(found.values())))
+    target = needed_dtype(config.mode, dtype)
+    if target != dtype:
+        state.dtype_from = str(dtype).replace("torch.", "")
+        pipe.to(dtype=target)
+        log.warning("quantize=%s: converted the pipeline from %s to %s (torchao's fp8 kernels take bfloat16)",
+                    QuantizeMode(config.mode).value, state.dtype_from, str(target).replace("torch.", ""))
+    state.dtype = str(target).replace("torch.", "")
+    from torchao.quantization import quantize_
+
+    for path, component in found.items():
+        if config.fuse_qkv and hasattr(component, "fuse_qkv_projections"):
+            fuse_qkv(component)
+        chosen: Selection = select(component, path, config)
+        names = set(chosen.chosen)
+        _swap_pointwise(component, path, names)
+        by_name = {f"{path}.{p}" if p else path: m for p, m in component.named_modules()}
+        modules = {id(by_name[n]): n for n in chosen.chosen}
+        originals = {n: _keep(by_name[n].weight, KeepOriginals(config.keep_originals)) for n in chosen.chosen}
+        quantize_(component, torchao, filter_fn=lambda m, fqn: id(m) in modules)
+        for name in chosen.chosen:
+            weight = by_name[name].weight
+            if not hasattr(weight, "tensor_data_names"):  # torchao declined it (a shape its kernels refuse)
+                chosen.skipped[name] = "left in high precision by torchao"
+                continue
+            record = QuantizedWeight(name, torchao, target, originals[name])
+            register(weight, record)
+            state.records.append(record)
+            state.layers.append(name)
+        state.skipped.update(chosen.skipped)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # the high-precision weights quantize_ replaced
+    state.bytes_after = _weight_bytes(list(found.values()))
+    state.seconds = time.perf_counter() - start
+    object.__setattr__(pipe, STATE_ATTR, state)
+    log.info("quantize=%s: %d layers in %.2f s", QuantizeMode(config.mode).value, len(state.layers), state.seconds)
+    return pipe
+
+
+def torchao_version() -> Optional[str]:
+    try:
+        return version("torchao")
+    except PackageNotFoundError:
+        return None
+
+
+def quantize_key(pipe: Any, component: str) -> Optional[dict[str, Any]]:
+    """What the graph cache's key of ``component`` must include about its quantization (``None``: none).
+
+    Graphs traced over quantized weights differ from unquantized ones in their inputs and kernels,
+    and differ again with the set of quantized layers: a cache made otherwise is a miss.
+    """
+    state = quantize_state(pipe)
+    if state is None:
+        return None
+    top = component.split(".")[0]
+    layers = [n for n in state.layers if n.split(".")[0] == top]
+    if not layers:
+        return None
+    return {"mode": QuantizeMode(state.config.mode).value, "conv_1x1": state.config.conv_1x1,
+            "layers": hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16], "count": len(layers),
+            "torchao": torchao_version(), "recipe": _recipe(state)}
+
+
+def _recipe(state: QuantizeState) -> Optional[str]:
+    """A digest of the torchao config (its activation bounds, granularity): the graphs trace its ops."""
+    return hashlib.sha256(repr(state.records[0].config).encode()).hexdigest()[:16] if state.records else None

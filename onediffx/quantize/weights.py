@@ -1,0 +1,93 @@
+"""Quantized weights that can be rewritten in place: what LoRA fusing needs from quantization.
+
+A compiled graph reads a quantized weight's inner tensors (torchao's ``qdata`` and ``scale``) as
+inputs, so a new value reaches the graph only if it is copied into those same tensors. Each weight
+``quantize_pipe`` quantizes gets a ``QuantizedWeight`` record here: the torchao config that made
+it and, unless told otherwise, its high-precision original. ``requantize`` quantizes a new
+high-precision value with that config and copies the result in; ``snapshot``/``restore`` save and
+put back the quantized tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(eq=False)
+class QuantizedWeight:
+    """How one weight was quantized, and its high-precision original (``None`` when not kept)."""
+
+    name: str
+    config: Any
+    dtype: torch.dtype
+    original: Optional[torch.Tensor]
+    shape: tuple = ()
+
+
+_RECORDS: "weakref.WeakValueDictionary[int, QuantizedWeight]" = weakref.WeakValueDictionary()
+"""Records by ``id`` of their weight. The pipeline's ``QuantizeState`` owns the records, so they
+live as long as it does; the weights themselves are not referenced here (a weak reference to a
+parameter would stop ``Module.to`` from swapping its tensor in place)."""
+
+
+def register(param: torch.Tensor, record: QuantizedWeight) -> None:
+    record.shape = tuple(param.shape)
+    _RECORDS[id(param)] = record
+
+
+def record_of(param: Any) -> Optional[QuantizedWeight]:
+    """The record of a weight ``quantize_pipe`` quantized, or ``None`` for any other tensor."""
+    if not isinstance(param, torch.Tensor) or not hasattr(param, "tensor_data_names"):
+        return None
+    record = _RECORDS.get(id(param))
+    return record if record is not None and record.shape == tuple(param.shape) else None
+
+
+def is_quantized(param: torch.Tensor) -> bool:
+    return record_of(param) is not None
+
+
+def inner_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a torchao tensor subclass is made of (what a compiled graph reads)."""
+    names = list(getattr(param, "tensor_data_names", ())) + list(getattr(param, "optional_tensor_data_names", ()))
+    return [t for t in (getattr(param, n, None) for n in names) if isinstance(t, torch.Tensor)]
+
+
+def quantize_tensor(config: Any, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` quantized as torchao's ``quantize_`` would quantize a linear layer holding it."""
+    from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
+
+    holder = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(holder)
+    holder.in_features, holder.out_features = weight.shape[1], weight.shape[0]
+    holder.weight = nn.Parameter(weight, requires_grad=False)
+    holder.bias = None
+    return _QUANTIZE_CONFIG_HANDLER[type(config)](holder, config).weight
+
+
+@torch.no_grad()
+def requantize(param: torch.Tensor, weight: torch.Tensor) -> None:
+    """Quantize ``weight`` (high precision) as ``param`` was, into ``param``'s own inner tensors."""
+    record = record_of(param)
+    if record is None:
+        raise ValueError("requantize: this weight was not quantized by onediffx.quantize_pipe")
+    fresh = quantize_tensor(record.config, weight.to(param.device, record.dtype))
+    for dst, src in zip(inner_tensors(param), inner_tensors(fresh), strict=True):
+        dst.copy_(src)
+
+
+def snapshot(param: torch.Tensor, device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    """Copies of ``param``'s quantized inner tensors (on ``device``, default their own)."""
+    return [t.detach().to(device or t.device, copy=True) for t in inner_tensors(param)]
+
+
+@torch.no_grad()
+def restore(param: torch.Tensor, saved: list[torch.Tensor]) -> None:
+    """Put a ``snapshot`` back, bit for bit, into the same inner tensors."""
+    for dst, src in zip(inner_tensors(param), saved, strict=True):
+        dst.copy_(src, non_blocking=True)
