@@ -63,6 +63,9 @@ def _prompts(path: Path, n: int) -> Path:
     ("guidance=nan", "guidance", "a finite number from 0 to 100"),
     ("lora=[emoji] lora.emoji.scale=inf", "lora.emoji.scale", "a finite number"),
     ("+typo=1", "typo", "not a key of the RunConfig config"),
+    ("+lora.mine.source=a.safetensors +lora.mine.scle=2", "lora.mine.scle", "not a key of a LoRA entry"),
+    ("+lora.mine.scale=2", "lora.mine.source", "a LoRA needs `source`"),
+    ("+lora.mine.source=a.safetensors +lora.mine.scale=1e9", "lora.mine.scale", "a finite number between -100 and 100"),
     ("+warmup.typo=1", "warmup.typo", "not a key of the WarmupConfig config"),
 ])
 def test_out_of_range_values_are_one_line_naming_the_key(compose_run, override, key, allowed):
@@ -268,8 +271,7 @@ def test_latents_that_turn_non_finite_fail_with_the_step(compose_run):
 def test_cli_run_whose_lora_blows_up_the_latents_reports_failed_and_writes_no_image(tmp_path):
     path = save_kohya(random_lora(lora_targets(tiny_sdxl(), components=("unet",)), 4, seed=1, strength=1e30),
                       tmp_path / "huge.safetensors")
-    proc = run_cli("run", "model=tiny_xl", "lora=[emoji]", f"lora.emoji.source={path}", "lora.emoji.weight_name=null", "steps=2",
-                   "hydra.run.dir=out", cwd=tmp_path)
+    proc = run_cli("run", "model=tiny_xl", f"+lora.huge.source={path}", "steps=2", "hydra.run.dir=out", cwd=tmp_path)
     assert proc.returncode == 1 and len(_errors(proc)) == 1 and "NaN/Inf at denoising step" in _errors(proc)[0]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["non_finite_step"] >= 1

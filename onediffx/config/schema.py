@@ -149,7 +149,10 @@ class RunConfig:
     """fp8/int8 quantization of the UNet's linear layers (``onediffx.quantize``); ``quantize=off`` by default."""
     face: FaceConfig = field(default_factory=FaceConfig)
     """InstantID's face input and scales (``onediffx.instantid``); unused by other models."""
-    lora: Dict[str, LoraEntry] = field(default_factory=dict)
+    lora: Dict[str, Any] = field(default_factory=dict)
+    """Entries are ``LoraEntry``s, typed by ``validate``: OmegaConf cannot create a dataclass entry
+    from a command-line override (``+lora.mine.source=x.safetensors``), so the schema takes any
+    mapping and validation merges each into ``LoraEntry`` (unknown keys and wrong types fail there)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     stages: List[str] = field(default_factory=lambda: list(DEFAULT_STAGES))

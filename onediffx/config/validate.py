@@ -43,6 +43,7 @@ def _sizes(cfg: DictConfig) -> Iterable[tuple[str, Any]]:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first out-of-range value in a composed run config."""
+    type_lora_entries(cfg)
     _refuse_unknown_keys(cfg)
     for key, value in _sizes(cfg):
         _limited(key, value)
@@ -106,3 +107,29 @@ def _refuse_unknown_keys(cfg: DictConfig) -> None:
             f"{key}: not a key of the {schema} config; check its spelling "
             f"(`onediffx run --cfg job` prints every key), or put a plugin's options under plugin_options"
         )
+
+
+def type_lora_entries(cfg: DictConfig) -> None:
+    """Each ``lora.<name>`` as a ``LoraEntry`` (defaults filled, types and keys checked), in place."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .schema import LoraEntry
+
+    for name in list(cfg.lora.keys()):
+        entry = cfg.lora._get_node(name)
+        if isinstance(entry, DictConfig) and OmegaConf.get_type(entry) is LoraEntry:
+            continue
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"lora.{name}: expected a mapping with at least `source`, got {entry!r}")
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(LoraEntry), entry)
+            typed.source  # noqa: B018  (MISSING raises here)
+        except OmegaConfBaseException as err:
+            key = f"lora.{name}.{err.key}" if getattr(err, "key", None) else f"lora.{name}"
+            message = str(err).splitlines()[0]
+            if "Missing mandatory value" in message:
+                message = "a LoRA needs `source` (a file, a folder or a Hub id in the local cache)"
+            elif "Key '" in message and "not in" in message:
+                message = f"not a key of a LoRA entry; keys: {', '.join(f.name for f in dataclasses.fields(LoraEntry))}"
+            raise ConfigError(f"{key}: {message}") from None
+        cfg.lora[name] = typed

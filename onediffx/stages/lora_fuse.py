@@ -38,8 +38,10 @@ class LoraFuseStage(Stage):
     group = "lora"
 
     def check(self, cfg: DictConfig) -> None:
+        from ..config.validate import type_lora_entries
         from ..lora.sources import resolve_file
 
+        type_lora_entries(cfg)  # entries from the command line arrive as plain mappings
         family = _model_family(cfg.model)
         seen = {}
         for key, entry in cfg.lora.items():
