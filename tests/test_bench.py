@@ -32,3 +32,20 @@ def test_unknown_scenario_is_one_line(tmp_path):
     proc = run_cli("bench", "model=tiny", "model.synthetic=false", "bench.scenarios=[fast]", cwd=tmp_path)
     assert proc.returncode == 2
     assert "onediffx: error: bench.scenarios[0]: unknown scenario 'fast'" in proc.stderr
+
+
+def test_quantize_scenario_rows_carry_quality_against_the_unquantized_pipeline(tmp_path):
+    """The quantize scenario on the CPU (int8, eager): each quantized row has its speed-ups and its
+    PSNR/SSIM against onediffx unquantized, the reference the issue asks speed figures to carry."""
+    proc = run_cli("bench", "model=tiny_xl", "model.synthetic=false", "compile=none", "bench.scenarios=[quantize]",
+                   "bench.quantize_modes=[int8]", "bench.recipe_peer=false", "steps=2", "bench.repeat=1",
+                   "bench.unet_iters=1", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    eager, off, int8 = rows
+    assert [eager["method"], off["method"], int8["method"]] == \
+        ["diffusers eager", "onediffx quantize=off compile=none", "onediffx quantize=int8 compile=none"]
+    assert off["psnr_vs_eager_db"] == float("inf") and "psnr_vs_unquantized_db" not in off
+    assert int8["quantized_layers"] > 0 and 20 < int8["psnr_vs_unquantized_db"] < float("inf")
+    assert int8["speedup"] == pytest.approx(eager["e2e_s"] / int8["e2e_s"], rel=1e-2)
+    assert int8["speedup_vs_recipe"] is None  # no recipe row asked for

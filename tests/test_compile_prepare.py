@@ -94,3 +94,24 @@ def test_compiling_again_first_restores_the_eager_forwards():
     assert has_hook(pipe.unet, COMPILED)
     assert compile_state(pipe).options.regional is False
     assert restore_eager(pipe) >= 2 and "forward" not in pipe.unet.__dict__ and compile_state(pipe) is None
+
+
+def test_attention_priority_resolves_per_device_and_enters_the_graph_key(monkeypatch):
+    """``auto`` takes cuDNN's attention on Hopper only, and graphs traced under another priority
+    are other graphs: the choice is part of the graph-cache key."""
+    from onediffx.compile.attention import attention_priority, resolve_attention
+    from onediffx.compile.config import CompileConfig
+    from onediffx.compile.pipe import CompileState, component_key
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_attention("auto", cpu) == "default" and resolve_attention("flash", cpu) == "flash"
+    for capability, expected in (((9, 0), "cudnn"), ((8, 0), "default")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_attention("auto", cuda) == expected
+    with attention_priority("cudnn", cpu) as resolved:  # the CPU's kernels have no priority to set
+        assert resolved == "cudnn"
+    pipe = tiny_sdxl()
+    keys = [component_key(pipe, "unet", CompileState("inductor", CompileConfig(backend="inductor", attention=a)))
+            for a in ("auto", "flash")]
+    assert keys[0]["compile"]["attention"] != keys[1]["compile"]["attention"]
+    assert {k: v for k, v in keys[0].items() if k != "compile"} == {k: v for k, v in keys[1].items() if k != "compile"}

@@ -51,6 +51,7 @@ def test_types_are_checked_at_composition(compose_run):
     ("warmup.unprepared=maybe", "warmup.unprepared: Invalid value 'maybe', expected one of [compile, eager]"),
     ("compile.graph=lazy", "compile.graph: Invalid value 'lazy', expected one of [aot, dynamo]"),
     ("compile.vae_dtype=int8", "compile.vae_dtype: Invalid value 'int8', expected one of [bfloat16, float16, float32]"),
+    ("compile.attention=xformers", "compile.attention: Invalid value 'xformers', expected one of [auto, cudnn, flash, default]"),
     ("deepcache.schedule=cubic", "deepcache.schedule: Invalid value 'cubic', expected one of [uniform, nonuniform]"),
     ("on_bad_line=ignore", "on_bad_line: Invalid value 'ignore', expected one of [fail, skip]"),
 ])

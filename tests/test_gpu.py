@@ -146,3 +146,15 @@ def test_progressive_start_switches_from_graphed_regions_to_whole_graphs_on_cuda
 
     for image in (regional, whole):
         assert peak_signal_noise_ratio(eager, image, data_range=255) > 30  # bf16 VAE, as the restart test
+
+
+def test_compile_attention_picks_the_kernel_traced_into_the_graph():
+    """``compile.attention=cudnn`` and ``flash`` trace different kernels into the graph, each in a fresh
+    graph (AOTAutograd's cache, keyed by the Dynamo graph alone, must not hand one the other's)."""
+    from onediffx.bench.measure import attention_kernels
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuDNN's fused attention is the auto choice on Hopper and newer only")
+    launched = {choice: attention_kernels(choice, torch.device("cuda")) for choice in ("cudnn", "flash")}
+    assert any("cudnn" in name for name in launched["cudnn"]), launched
+    assert launched["flash"] and not any("cudnn" in name for name in launched["flash"]), launched

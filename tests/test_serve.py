@@ -425,6 +425,10 @@ def test_serve_bench_scenario_runs_both_servers(tmp_path):
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["p99_s"] >= r["p50_s"] > 0 for r in measured)
     assert all(r["exit_code"] == 0 and r["ready_s"] > 0 for r in rows if "ready_s" in r)
     assert all(r["mean_batch"] >= 1 for r in measured if r["server"] == "onediffx")
+    opened = {r["server"]: r for r in measured if r["load"].startswith("open")}
+    assert opened["onediffx"]["max_queue_depth"] is not None and opened[peer]["max_queue_depth"] is None
+    single = next(r["p50_s"] for r in measured if r["server"] == "onediffx" and r["load"] == "closed, 1 clients")
+    assert opened["onediffx"]["p99_over_single"] == pytest.approx(opened["onediffx"]["p99_s"] / single, abs=0.01)
 
 
 @pytest.mark.parametrize("override, message", [

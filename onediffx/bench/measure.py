@@ -83,3 +83,25 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     iters = 20 if device.type == "cuda" else 3
     seconds, _ = timed(lambda: [a @ b for _ in range(iters)], device)
     return 2 * n**3 * iters / seconds / 1e12
+
+
+def attention_kernels(choice: str, device: torch.device, tokens: int = 4096) -> set[str]:
+    """Names of the attention kernels one compiled diffusers ``Attention`` launches under
+    ``compile.attention=choice`` (SDXL's 640-wide, 10-head self-attention): which kernel the
+    priority really traced into the graph, read from the profiler rather than assumed."""
+    from diffusers.models.attention_processor import Attention
+
+    from ..compile.backends import compile_kwargs
+    from ..compile.config import CompileConfig
+    from ..compile.dispatch import CompiledForward
+
+    attn = Attention(640, heads=10, dim_head=64).to(device, torch.float16)
+    compiled = CompiledForward(attn, compile_kwargs(CompileConfig(backend="inductor")), attention=choice)
+    x = torch.randn(2, tokens, 640, device=device, dtype=torch.float16)
+    with torch.no_grad():
+        compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            compiled(x)
+            synchronize(device)
+    marks = ("attn", "sdpa", "flash", "cudnn", "fmha")
+    return {e.name for e in prof.events() if any(m in e.name.lower() for m in marks)}

@@ -142,6 +142,7 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
         _say(rows[-1:])
     eager = rows[0]["e2e_s"]
     recipe = next((r["e2e_s"] for r in rows if r.get("method", "").startswith(RECIPE)), None)
+    unquantized = next((r.get("image") for r in rows if r.get("method", "").startswith("onediffx quantize=off")), None)
     for row in rows:
         row["scenario"] = "quantize"
         image = row.pop("image", None)
@@ -152,5 +153,10 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
         if image is not None and row is not rows[0]:
             ssim = image_fidelity(reference.astype(np.uint8), image.astype(np.uint8))[1]
             row["ssim_vs_eager"] = None if ssim is None else round(ssim, 4)
+        if image is not None and unquantized is not None and row.get("quantized_layers"):
+            # the reference: the same onediffx pipeline, unquantized, same seed
+            psnr, ssim = image_fidelity(unquantized.astype(np.uint8), image.astype(np.uint8))
+            row["psnr_vs_unquantized_db"] = round(psnr, 2)
+            row["ssim_vs_unquantized"] = None if ssim is None else round(ssim, 4)
     rows[0]["quality_note"] = "random (synthetic) weights: PSNR/SSIM/rel. error show nothing broke, not real-model quality"
     return rows

@@ -148,7 +148,7 @@ def _onediffx(cfg: DictConfig, work: Path, label: str) -> _Process:
     cmd = [sys.executable, "-m", "onediffx", "serve", f"model={model.name}",
            f"model.synthetic={str(model.synthetic).lower()}", f"compile={cfg.bench.compile_preset}",
            f"height={sizes[0][0]}", f"width={sizes[0][1]}", f"steps={cfg.steps or model.steps}",
-           f"cache.dir={work / 'graphs'}", f"hydra.searchpath=[file://{work / 'conf'}]", "lora=[l1,l2]",
+           f"cache.dir={cfg.bench.serve_cache or work / 'graphs'}", f"hydra.searchpath=[file://{work / 'conf'}]", "lora=[l1,l2]",
            f"warmup.shapes=[{shapes}]", "warmup.on_cache_hit=run", f"serve.port={port}",
            f"serve.max_batch={cfg.bench.serve_max_batch}", f"serve.batch_sizes=[{','.join(map(str, batch_sizes))}]",
            "serve.queue_limit=1024", "serve.request_timeout_s=1800", f"device={cfg.device}"]
@@ -211,12 +211,39 @@ async def _closed(url: str, bodies: list[dict[str, Any]], concurrency: int) -> d
     return _stats(latencies, images, wall, errors)
 
 
+async def _queue_depth(client: AsyncClient) -> Optional[float]:
+    """The server's ``onediffx_queue_depth`` gauge now (``None`` for a server without it: the peer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = await client.http.get("/metrics", timeout=5)
+    except Exception:  # noqa: BLE001 - a slow /metrics answer is a missed sample, not a failed run
+        return None
+    if response.status_code != 200:
+        return None
+    return next((s.value for f in text_string_to_metric_families(response.text) for s in f.samples
+                 if s.name == "onediffx_queue_depth"), None)
+
+
 async def _open(url: str, bodies: list[dict[str, Any]], rate: float, seed: int = 0) -> dict[str, Any]:
-    """Poisson arrivals at ``rate`` requests/s; latency counts from the scheduled arrival."""
+    """Poisson arrivals at ``rate`` requests/s; latency counts from the scheduled arrival. The server's
+    queue depth is sampled every quarter second: the open-loop target bounds it by ``serve.queue_limit``."""
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(bodies))
     latencies, errors, images = [], 0, 0
+    depths: list[float] = []
     async with AsyncClient(url, timeout=3600, max_connections=1024) as client:
         start = time.perf_counter()
+
+        async def watch() -> None:
+            while True:
+                depth = await _queue_depth(client)
+                if depth is None and not depths:
+                    return  # no gauge: nothing to watch
+                if depth is not None:
+                    depths.append(depth)
+                await asyncio.sleep(0.25)
+
+        watcher = asyncio.create_task(watch())
 
         async def one(at: float, body: dict[str, Any]) -> None:
             nonlocal errors, images
@@ -230,7 +257,9 @@ async def _open(url: str, bodies: list[dict[str, Any]], rate: float, seed: int =
 
         await asyncio.gather(*(one(at, body) for at, body in zip(np.cumsum(gaps), bodies)))
         wall = time.perf_counter() - start
-    return {**_stats(latencies, images, wall, errors), "offered_per_s": round(rate, 3)}
+        watcher.cancel()
+    return {**_stats(latencies, images, wall, errors), "offered_per_s": round(rate, 3),
+            "max_queue_depth": max(depths) if depths else None}
 
 
 def _drive(cfg: DictConfig, server: str, url: str) -> list[dict[str, Any]]:
@@ -246,7 +275,9 @@ def _drive(cfg: DictConfig, server: str, url: str) -> list[dict[str, Any]]:
     if best > 0:
         before = _metric_sums(url)
         result = asyncio.run(_open(url, request_mix(cfg, cfg.bench.serve_requests, next(offset)), 0.8 * best))
+        single = next((r["p50_s"] for r in rows if r["load"] == "closed, 1 clients"), None)
         rows.append({"scenario": "serve", "server": server, "load": "open (Poisson), 80% of best", **result,
+                     "p99_over_single": round(result["p99_s"] / single, 2) if single else None,
                      **_batching(before, _metric_sums(url))})
     return rows
 
@@ -277,7 +308,8 @@ def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
             cold_s = cold.wait_ready(timeout)
         finally:
             code = cold.stop()
-        what = "cold (compile + save graphs)" if cfg.compile.backend != "none" else "first start"
+        what = "first start" if cfg.compile.backend == "none" else \
+            "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
         rows.append(_ready_row("onediffx", f"start → /readyz, {what}", cold_s, code))
         warm = _onediffx(cfg, work, "onediffx warm")
         try:

@@ -73,13 +73,13 @@ def inductor(module: nn.Module, name: str, options: Any,
     kwargs = compile_kwargs(options)
     names = (options.regions or getattr(module, "_repeated_blocks", None) or []) if options.regional else []
     if names and options.graph == "aot" and not kwargs["options"].get("triton.cudagraphs"):
-        handles = compile_regions_aot(module, names, kwargs, on_miss, name)
+        handles = compile_regions_aot(module, names, kwargs, on_miss, name, options.attention)
         if handles:
             return handles
     elif names and compile_regions(module, names, kwargs, options.fullgraph):
         return None
     if aot_capable(module, options):
-        compiled = CompiledForward(module, kwargs, on_miss=on_miss, name=name)
+        compiled = CompiledForward(module, kwargs, on_miss=on_miss, name=name, attention=options.attention)
         compiled.install()
         return compiled
     module.compile(fullgraph=options.fullgraph, **kwargs)

@@ -40,6 +40,17 @@ class OnMiss(str, Enum):
     """Run eagerly (once something is compiled), so an unexpected shape never stalls a service."""
 
 
+class Attention(str, Enum):
+    """The fused attention kernel compiled graphs call first (``compile.attention``)."""
+
+    auto = "auto"
+    """cuDNN's on CUDA GPUs of compute capability 9.0 and newer (Hopper), PyTorch's order elsewhere."""
+    cudnn = "cudnn"
+    flash = "flash"
+    default = "default"
+    """PyTorch's own order (FlashAttention-2 first on CUDA)."""
+
+
 @dataclass
 class CompileConfig:
     """How the heavy components are compiled (``compile=none|inductor|inductor_max|regional|auto``)."""
@@ -74,6 +85,9 @@ class CompileConfig:
     pil_on_device: bool = True
     """Convert decoded images to 8-bit on the device (bit-identical to diffusers' NumPy conversion;
     saves a 12 MB copy and the CPU pass at the end of each call)."""
+    attention: Attention = Attention.auto
+    """The fused attention kernel traced into whole-component graphs: ``auto`` takes cuDNN's on Hopper
+    (faster than FlashAttention-2 at SDXL's shapes); a kernel that cannot take a shape falls through."""
     inductor: Dict[str, Any] = field(default_factory=dict)
     """Extra Inductor config (``torch._inductor.config``) keys, e.g. ``conv_1x1_as_mm: true``."""
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..hooks import COMPILED, ForwardHook, add_hook, remove_hook
+from .attention import attention_priority
 from .guards import dispatch_key, portable_guards
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,15 @@ class CompiledForward:
         compile_kwargs: dict[str, Any],
         on_miss: str = "compile",
         name: str = "",
+        attention: str = "default",
     ) -> None:
         self.module = module
         self.name = name or type(module).__name__
         self.impl = module_forward(module)
         self.compile_kwargs = compile_kwargs
         self.on_miss = on_miss
+        self.attention = attention
+        """``compile.attention``: the attention-kernel priority graphs are traced under."""
         self.entries: list[Any] = []
         self.signatures: list[list[Any]] = []
         self.by_key: dict[tuple, Any] = {}
@@ -155,7 +159,8 @@ class CompiledForward:
         options = {**self.compile_kwargs.get("options", {}), "guard_filter_fn": portable_guards}
         compiled = torch.compile(self.impl, **{**self.compile_kwargs, "options": options, "fullgraph": True})
         start = time.perf_counter()
-        with torch.no_grad():
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        with torch.no_grad(), attention_priority(self.attention, device):
             entry = compiled.aot_compile(((module, *args), kwargs))
         self.compile_seconds.append(round(time.perf_counter() - start, 2))
         log.info("%s: compiled a graph for %s in %.1f s", self.name, signature_of(args, kwargs), self.compile_seconds[-1])

@@ -81,7 +81,7 @@ def structure_digest(block: nn.Module) -> str:
 
 
 def compile_regions_aot(module: nn.Module, names: list[str], kwargs: dict[str, Any], on_miss: str,
-                        prefix: str) -> dict[str, CompiledForward]:
+                        prefix: str, attention: str = "default") -> dict[str, CompiledForward]:
     """Ahead-of-time path: one ``CompiledForward`` per structure group, by its first block's path."""
     groups: dict[str, CompiledForward] = {}
     handles: dict[str, CompiledForward] = {}
@@ -91,7 +91,8 @@ def compile_regions_aot(module: nn.Module, names: list[str], kwargs: dict[str, A
         digest = structure_digest(block)
         shared = groups.get(digest)
         if shared is None:
-            shared = groups[digest] = handles[path] = CompiledForward(block, kwargs, on_miss=on_miss, name=f"{prefix}.{path}")
+            shared = groups[digest] = handles[path] = CompiledForward(block, kwargs, on_miss=on_miss, name=f"{prefix}.{path}",
+                                                                    attention=attention)
             shared.digest = digest
         shared.install(block)  # the graphs of its structure group, called with this block
     if paths:

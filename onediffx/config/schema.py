@@ -225,6 +225,9 @@ class BenchOptions:
     """``serve`` scenario: requests per load level (at least twice the concurrency)."""
     serve_max_batch: int = 4
     serve_ready_timeout: int = 900
+    serve_cache: Optional[str] = None
+    """``serve`` scenario: the graph cache folder the servers use; unset, a fresh folder (the first
+    start compiles). Point it at ``cache.dir`` of an earlier bench to start from graphs it saved."""
 
 
 @dataclass
