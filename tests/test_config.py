@@ -54,6 +54,7 @@ def test_types_are_checked_at_composition(compose_run):
     ("compile.attention=xformers", "compile.attention: Invalid value 'xformers', expected one of [auto, cudnn, flash, default]"),
     ("deepcache.schedule=cubic", "deepcache.schedule: Invalid value 'cubic', expected one of [uniform, nonuniform]"),
     ("on_bad_line=ignore", "on_bad_line: Invalid value 'ignore', expected one of [fail, skip]"),
+    ("lora_originals=gpu", "lora_originals: Invalid value 'gpu', expected one of [cpu, device]"),
 ])
 def test_closed_sets_are_enums_checked_at_composition(compose_run, override, message):
     """A value outside a closed set fails while composing, with its key, before anything loads."""

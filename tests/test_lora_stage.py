@@ -61,7 +61,29 @@ def test_stage_fuses_the_stack_like_the_api(two_files):
     assert any(not torch.equal(got[k], original[k]) for k in got)
     assert all(torch.equal(got[k], expected[k]) for k in got)
     assert asm.report["lora-fuse"]["adapters"] == {"first": 0.8, "custom": -0.5}
+    assert asm.report["lora-fuse"]["originals"] == "cpu"
     assert list(state_of(asm.pipe).active) == ["first", "custom"]
+
+
+def test_originals_on_the_device_fuse_the_same_and_switch_exactly(two_files):
+    """``lora_originals=device`` (serve's default) keeps W0 beside the weights: the same fused
+    weights as the run's CPU copies, and switching back and forth returns to them exactly."""
+    import onediffx.stages  # noqa: F401  (registers the stages)
+
+    cfg = run_config(first={"source": str(two_files[0])}, second={"source": str(two_files[1]), "scale": 0.5})
+    cfg.lora_originals = "device"
+    asm = Assembly(pipe=tiny_sdxl(), cfg=cfg, device=torch.device("cpu"), dtype=torch.float32)
+    get_stage("lora-fuse")().apply(asm)
+    assert asm.report["lora-fuse"]["originals"] == "device"
+    reference = Assembly(pipe=tiny_sdxl(), cfg=run_config(first={"source": str(two_files[0])},
+                         second={"source": str(two_files[1]), "scale": 0.5}), device=torch.device("cpu"),
+                         dtype=torch.float32)
+    get_stage("lora-fuse")().apply(reference)
+    fused, expected = weights(asm.pipe), weights(reference.pipe)
+    assert all(torch.equal(fused[k], expected[k]) for k in fused)
+    for names, scales in ((["second"], [1.0]), (["first", "second"], [1.0, 0.5])):
+        lora.set_and_fuse_adapters(asm.pipe, names, scales)
+    assert all(torch.equal(v, fused[k]) for k, v in weights(asm.pipe).items())
 
 
 def test_stage_is_a_no_op_without_loras():

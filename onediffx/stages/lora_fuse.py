@@ -68,12 +68,15 @@ class LoraFuseStage(Stage):
         from ..lora.fuse import state_of
 
         names, scales = [], []
+        originals = getattr(asm.cfg.get("lora_originals"), "value", asm.cfg.get("lora_originals")) or "cpu"
+        # W0 on the CPU for a run (it fuses once); on the weights' device for a server, which re-fuses
+        # between batches ("cuda" means the weight's own device, and the CPU where there is no GPU).
+        offload = "cuda" if originals == "device" else "cpu"
         for key, entry in asm.cfg.lora.items():
             name = entry.adapter_name or key
             try:
-                # W0 on the CPU: a run fuses once, so GPU memory matters more than re-fuse speed.
                 load_lora_and_optionally_fuse(
-                    asm.pipe, entry.source, name, fuse=False, offload_device="cpu", offload_weight="weight",
+                    asm.pipe, entry.source, name, fuse=False, offload_device=offload, offload_weight="weight",
                     weight_name=entry.weight_name,
                 )
             except OnediffxError as e:
@@ -83,4 +86,4 @@ class LoraFuseStage(Stage):
             scales.append(float(entry.scale))
         set_and_fuse_adapters(asm.pipe, names, scales)
         state = state_of(asm.pipe)
-        asm.note(self.name, adapters=dict(zip(names, scales)), layers=len(state.fused))
+        asm.note(self.name, adapters=dict(zip(names, scales)), layers=len(state.fused), originals=originals)
