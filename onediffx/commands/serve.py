@@ -37,6 +37,7 @@ def check_serve(cfg: DictConfig) -> None:
         ("serve.port", s.port, 0 <= s.port <= 65535, "a port from 0 to 65535"),
         ("serve.max_batch", s.max_batch, 1 <= s.max_batch <= 256, "an integer from 1 to 256"),
         ("serve.batch_wait_ms", s.batch_wait_ms, 0 <= s.batch_wait_ms <= 60_000, "0 to 60000 ms"),
+        ("serve.lora_affinity_ms", s.lora_affinity_ms, 0 <= s.lora_affinity_ms <= 600_000, "0 to 600000 ms"),
         ("serve.queue_limit", s.queue_limit, s.queue_limit >= 1, "an integer >= 1"),
         ("serve.request_timeout_s", s.request_timeout_s, s.request_timeout_s > 0, "a number of seconds > 0"),
         ("serve.max_steps", s.max_steps, s.max_steps >= 1, "an integer >= 1"),

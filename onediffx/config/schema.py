@@ -269,6 +269,9 @@ class ServeConfig:
     """Images per pipeline call; compatible requests are batched up to this many."""
     batch_wait_ms: float = 20.0
     """How long the first request of a batch waits for compatible ones."""
+    lora_affinity_ms: float = 1000.0
+    """A free replica takes waiting requests with the LoRA weights it has fused before older ones that
+    would make it switch, unless the oldest has waited this long (then FIFO); ``0``: always FIFO."""
     batch_sizes: List[int] = field(default_factory=list)
     """Pad each call to the smallest of these sizes (compiled pipelines: one graph per size, all warmed
     before ready); empty: calls run at the size they have (eager)."""

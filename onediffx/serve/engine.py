@@ -44,7 +44,7 @@ class LocalEngine:
         self.metrics = ServeMetrics(cfg.serve.max_batch, self.devices)
         self.metrics.replicas.set(len(self.devices))
         self.scheduler = Scheduler(cfg.serve.max_batch, cfg.serve.batch_wait_ms / 1000.0, cfg.serve.queue_limit,
-                                   observer=self.metrics)
+                                   observer=self.metrics, lora_affinity_s=cfg.serve.lora_affinity_ms / 1000.0)
         self.metrics.busy.set_function(lambda: self.scheduler.busy)
         self.replicas = [Replica(cfg, device, i) for i, device in enumerate(self.devices)]
         for replica in self.replicas:

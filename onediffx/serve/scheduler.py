@@ -4,7 +4,9 @@ Requests that share everything a pipeline call shares (shape, steps, guidance, L
 DeepCache interval, whether a negative prompt is given) can run as one call: each image keeps its
 own prompt and its own per-seed CPU generator, so it is the image the request would get alone. The
 first request of a batch waits at most ``batch_wait_s`` for company; a free replica takes the
-oldest waiting request's batch, so incompatible requests run in turn (FIFO).
+oldest waiting request's batch, so incompatible requests run in turn (FIFO), with one exception:
+a replica prefers requests for the LoRA weights it has fused (a switch re-fuses every touched layer)
+unless the oldest request has waited ``lora_affinity_s``, which bounds what the exception costs it.
 
 Workers are threads (one per replica, each owning its pipeline); the event loop only enqueues and
 awaits futures, so health, metrics and new requests are answered while a batch runs.
@@ -87,6 +89,8 @@ class Runner(Protocol):
     """A replica: runs one batch of jobs on its pipeline, returns each job's images (PNG bytes)."""
 
     name: str
+    lora_weights: tuple[float, ...]
+    """The LoRA weights its pipeline has fused now (``BatchKey.loras`` of the batch that needs no switch)."""
 
     def run(self, jobs: list[Job]) -> list[list[bytes]]: ...
 
@@ -101,9 +105,10 @@ class Scheduler:
     """Bounded FIFO of jobs, batched per ``BatchKey``, served by one worker thread per replica."""
 
     def __init__(self, max_batch: int, batch_wait_s: float, queue_limit: int,
-                 observer: Optional[Observer] = None) -> None:
+                 observer: Optional[Observer] = None, lora_affinity_s: float = 0.0) -> None:
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        self.lora_affinity_s = lora_affinity_s
         self.queue_limit = queue_limit
         self.observer = observer
         self._pending: deque[Job] = deque()
@@ -173,10 +178,22 @@ class Scheduler:
         for thread in self._threads:
             thread.join(timeout)
 
-    def _take(self) -> Optional[list[Job]]:
+    def _first(self, runner: Runner) -> Optional[Job]:
+        """The job whose batch ``runner`` takes next: the oldest one not being collected by another
+        worker, or, while that one has waited less than ``lora_affinity_s``, the oldest with the
+        LoRA weights ``runner`` has fused."""
+        free = (j for j in self._pending if j.key not in self._claimed)
+        oldest = next(free, None)
+        current = getattr(runner, "lora_weights", None)
+        if oldest is None or current is None or oldest.key.loras == current or \
+                time.monotonic() - oldest.enqueued >= self.lora_affinity_s:
+            return oldest
+        return next((j for j in free if j.key.loras == current), oldest)
+
+    def _take(self, runner: Runner) -> Optional[list[Job]]:
         with self._cond:
             while True:
-                first = next((j for j in self._pending if j.key not in self._claimed), None)
+                first = self._first(runner)
                 if first is None:
                     if self._stopping and not self._pending:
                         return None
@@ -221,7 +238,7 @@ class Scheduler:
 
     def _work(self, runner: Runner) -> None:
         while True:
-            batch = self._take()
+            batch = self._take(runner)
             if batch is None:
                 return
             start = time.perf_counter()
