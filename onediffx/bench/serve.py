@@ -172,16 +172,20 @@ def _peer_label(cfg: DictConfig) -> str:
     return f"diffusers{' + torch.compile' if compiled else ' eager'} (1 at a time)"
 
 
-def _metric_sums(url: str) -> dict[str, float]:
+def _samples(response: Any, wanted: set[str]) -> dict[str, float]:
+    """The ``wanted`` samples of a ``/metrics`` answer (none from a server without it: the peer)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with Client(url) as client:
-        response = client.http.get("/metrics")
     if response.status_code != 200:
         return {}
-    wanted = {"onediffx_batch_size_sum", "onediffx_batch_size_count", "onediffx_lora_switches_total"}
     return {s.name: s.value for f in text_string_to_metric_families(response.text) for s in f.samples
             if s.name in wanted}
+
+
+def _metric_sums(url: str) -> dict[str, float]:
+    with Client(url) as client:
+        response = client.http.get("/metrics")
+    return _samples(response, {"onediffx_batch_size_sum", "onediffx_batch_size_count", "onediffx_lora_switches_total"})
 
 
 def _stats(latencies: list[float], images: int, wall: float, errors: int) -> dict[str, Any]:
@@ -213,16 +217,11 @@ async def _closed(url: str, bodies: list[dict[str, Any]], concurrency: int) -> d
 
 async def _queue_depth(client: AsyncClient) -> Optional[float]:
     """The server's ``onediffx_queue_depth`` gauge now (``None`` for a server without it: the peer)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         response = await client.http.get("/metrics", timeout=5)
     except Exception:  # noqa: BLE001 - a slow /metrics answer is a missed sample, not a failed run
         return None
-    if response.status_code != 200:
-        return None
-    return next((s.value for f in text_string_to_metric_families(response.text) for s in f.samples
-                 if s.name == "onediffx_queue_depth"), None)
+    return _samples(response, {"onediffx_queue_depth"}).get("onediffx_queue_depth")
 
 
 async def _open(url: str, bodies: list[dict[str, Any]], rate: float, seed: int = 0) -> dict[str, Any]:
