@@ -431,6 +431,18 @@ def test_serve_bench_scenario_runs_both_servers(tmp_path):
     assert opened["onediffx"]["p99_over_single"] == pytest.approx(opened["onediffx"]["p99_s"] / single, abs=0.01)
 
 
+def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_both_starts(tmp_path):
+    """The first of two short GPU calls: the bench's own server arguments fill ``bench.serve_cache``."""
+    proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[serve]",
+                   "bench.serve_peer=false", "bench.serve_concurrency=[]", f"bench.serve_cache={tmp_path / 'graphs'}",
+                   "steps=2", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [r["load"] for r in rows] == ["start → /readyz, first start", "start → /readyz, warm graph cache"], rows
+    assert all(r["exit_code"] == 0 and r["ready_s"] > 0 for r in rows)
+    assert "serve row: " in proc.stdout + proc.stderr  # each row is logged as measured
+
+
 @pytest.mark.parametrize("override, message", [
     ("serve.batch_sizes=[1,2]", "serve.batch_sizes: [1, 2] is not allowed; expected sizes from 1 to serve.max_batch=4"),
     ("serve.replicas=two", "serve.replicas: 'two' is not allowed; expected a number >= 1 or 'all'"),

@@ -33,6 +33,7 @@ from ..client import AsyncClient, Client
 from ..errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red fox in the snow, golden hour",
            "a watercolor of a lighthouse", "a bowl of ramen, studio lighting"]
 
@@ -269,15 +270,15 @@ def _drive(cfg: DictConfig, server: str, url: str) -> list[dict[str, Any]]:
         result = asyncio.run(_closed(url, request_mix(cfg, n, next(offset)), concurrency))
         after = _metric_sums(url)
         best = max(best, result["images_per_s"])
-        rows.append({"scenario": "serve", "server": server, "load": f"closed, {concurrency} clients", **result,
-                     **_batching(before, after)})
+        rows.append(_logged({"scenario": "serve", "server": server, "load": f"closed, {concurrency} clients",
+                             **result, **_batching(before, after)}))
     if best > 0:
         before = _metric_sums(url)
         result = asyncio.run(_open(url, request_mix(cfg, cfg.bench.serve_requests, next(offset)), 0.8 * best))
         single = next((r["p50_s"] for r in rows if r["load"] == "closed, 1 clients"), None)
-        rows.append({"scenario": "serve", "server": server, "load": "open (Poisson), 80% of best", **result,
-                     "p99_over_single": round(result["p99_s"] / single, 2) if single else None,
-                     **_batching(before, _metric_sums(url))})
+        rows.append(_logged({"scenario": "serve", "server": server, "load": "open (Poisson), 80% of best", **result,
+                             "p99_over_single": round(result["p99_s"] / single, 2) if single else None,
+                             **_batching(before, _metric_sums(url))}))
     return rows
 
 
@@ -290,8 +291,15 @@ def _batching(before: dict[str, float], after: dict[str, float]) -> dict[str, An
     return {"mean_batch": round(images / calls, 2) if calls else None, "lora_switches": int(switches)}
 
 
+def _logged(row: dict[str, Any]) -> dict[str, Any]:
+    """Each row is logged as it is measured: the report is written once the scenario ends, and a run
+    cut short by a time limit would otherwise keep none of the load levels it finished."""
+    log.info("serve row: %s", json.dumps(row))
+    return row
+
+
 def _ready_row(server: str, label: str, seconds: float, exit_code: Optional[int]) -> dict[str, Any]:
-    return {"scenario": "serve", "server": server, "load": label, "ready_s": round(seconds, 2), "exit_code": exit_code}
+    return _logged({"scenario": "serve", "server": server, "load": label, "ready_s": round(seconds, 2), "exit_code": exit_code})
 
 
 def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -313,11 +321,14 @@ def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
         warm = _onediffx(cfg, work, "onediffx warm")
         try:
             warm_s = warm.wait_ready(timeout)
+            log.info("serve: onediffx warm start ready in %.2f s", warm_s)
             measured = _drive(cfg, "onediffx", warm.url)
         finally:
             code = warm.stop()
         rows.append(_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code))
         rows += measured
+        if not cfg.bench.serve_peer:
+            return rows
         peer = _peer(cfg, work, files)
         try:  # a peer that fails (a recompile storm, an OOM) must not lose onediffx's rows
             peer_s = peer.wait_ready(timeout)

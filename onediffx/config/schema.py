@@ -240,6 +240,10 @@ class BenchOptions:
     serve_cache: Optional[str] = None
     """``serve`` scenario: the graph cache folder the servers use; unset, a fresh folder (the first
     start compiles). Point it at ``cache.dir`` of an earlier bench to start from graphs it saved."""
+    serve_peer: bool = True
+    """``serve`` scenario: also drive the plain diffusers server. ``false`` with ``serve_concurrency=[]``
+    and ``serve_cache`` set only fills that cache with the exact server arguments of a later run and
+    times the warm start: a first short call on a machine that cannot hold one long run."""
 
 
 @dataclass
