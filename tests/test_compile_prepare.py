@@ -115,3 +115,22 @@ def test_attention_priority_resolves_per_device_and_enters_the_graph_key(monkeyp
             for a in ("auto", "flash")]
     assert keys[0]["compile"]["attention"] != keys[1]["compile"]["attention"]
     assert {k: v for k, v in keys[0].items() if k != "compile"} == {k: v for k, v in keys[1].items() if k != "compile"}
+
+
+def test_attention_priority_keys_the_aot_autograd_cache_by_the_order(monkeypatch, tmp_path):
+    """The Dynamo graph is the same under every priority; the salt keeps AOTAutograd's on-disk cache
+    from handing one order's graph to another, and leaves it on (``save_pipe`` serializes from it)."""
+    from torch._dynamo.utils import counters
+
+    from onediffx.compile.attention import attention_priority
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(8, 8)
+    seen = []
+    for order in ("flash", "flash", "cudnn"):
+        torch._dynamo.reset()
+        counters.clear()
+        with attention_priority(order, torch.device("cpu")):
+            torch.compile(lambda t: torch.nn.functional.gelu(t @ t) + 1)(x)
+        seen.append("hit" if counters["aot_autograd"]["autograd_cache_hit"] else "miss")
+    assert seen == ["miss", "hit", "miss"]

@@ -423,3 +423,20 @@ def test_restart_with_another_thread_count_and_an_empty_inductor_cache(compiled,
     for run, m in zip(("other-threads", "restart", "no-kernels"), (*metrics, rebuilt)):
         image = np.asarray(Image.open(tmp_path / run / m["outputs"][0]), dtype=np.int16)
         assert np.abs(image - compiled["image"]).max() <= 2
+
+
+def test_a_graph_that_cannot_be_serialized_is_one_warning_and_nothing_written(compiled, tmp_path, caplog, monkeypatch):
+    """On the H200, graphs traced with AOTAutograd's cache off had no ``serialize`` and the save took
+    a whole server down with it (eighth session): a save that fails is a warning, never the run."""
+    from onediffx.compile import compile_state, save_pipe
+
+    unet = compile_state(compiled["pipe"]).saveable["unet"]
+
+    def unserializable():
+        raise TypeError("'NoneType' object is not callable")
+
+    monkeypatch.setattr(unet, "serialize", unserializable)
+    with caplog.at_level(logging.WARNING, logger="onediffx.compile"):
+        written = save_pipe(compiled["pipe"], str(tmp_path / "graphs"), key_file=str(compiled["key_file"]))
+    assert written == {} and not list((tmp_path / "graphs").rglob("manifest.json"))
+    assert [m for m in _warnings(caplog) if "unet could not be serialized (TypeError" in m], _warnings(caplog)

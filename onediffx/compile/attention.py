@@ -13,6 +13,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 ORDERS = {
     "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
@@ -30,22 +31,40 @@ def resolve_attention(choice: str, device: torch.device) -> str:
     return "default"
 
 
+class AttentionSalt(CustomGraphPass):
+    """A post-grad pass that changes nothing and names the attention priority in its ``uuid``.
+
+    AOTAutograd's and Inductor's on-disk caches key an entry by the Dynamo graph and Inductor's
+    config, and the Dynamo graph is the same whichever kernel the priority picks: without this, a
+    graph traced under another priority (or by plain ``torch.compile`` with the same cache folder)
+    would come back from them. A custom pass's ``uuid`` is part of both keys. Turning the
+    AOTAutograd cache off instead (the seventh session's fix) also loses what ``save_pipe``
+    serializes: on CUDA every save then failed.
+    """
+
+    def __init__(self, order: str) -> None:
+        self.order = order
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> tuple[str, str]:
+        return ("onediffx.compile.attention", self.order)
+
+
 @contextlib.contextmanager
 def attention_priority(choice: str, device: torch.device) -> Iterator[str]:
-    """Trace under this attention-kernel priority (nothing changes on the CPU or for ``default``).
+    """Trace under this attention-kernel priority (PyTorch's own order on the CPU or for ``default``),
+    with the caches keyed by it (``AttentionSalt``). A post-grad pass the user set is kept, and then
+    nothing salts the keys."""
+    import torch._inductor.config as inductor_config
 
-    AOTAutograd's on-disk cache keys an entry by the Dynamo graph, which is the same whichever
-    kernel the priority picks: a graph traced under another priority (or by plain ``torch.compile``
-    in the same cache folder) would come back from it. Tracing under a priority bypasses that cache;
-    Inductor's own cache keys the traced graph, which names the kernel, and stays on.
-    """
     resolved = resolve_attention(choice, device)
-    if resolved not in ORDERS or device.type != "cuda":
-        yield resolved
-        return
-    import torch._functorch.config as functorch_config
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with contextlib.ExitStack() as stack:
+        if inductor_config.post_grad_custom_post_pass is None:
+            stack.enter_context(inductor_config.patch(post_grad_custom_post_pass=AttentionSalt(resolved)))
+        if resolved in ORDERS and device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with functorch_config.patch(enable_autograd_cache=False), \
-            sdpa_kernel([getattr(SDPBackend, name) for name in ORDERS[resolved]], set_priority=True):
+            stack.enter_context(sdpa_kernel([getattr(SDPBackend, n) for n in ORDERS[resolved]], set_priority=True))
         yield resolved

@@ -290,8 +290,14 @@ def save_pipe(pipe: Any, dir: str = "cached_pipe", *, overwrite: bool = True, tr
     for path, compiled in state.saveable.items():
         if not compiled.entries or (not overwrite and not compiled.dirty):
             continue
+        try:
+            blobs = compiled.serialize()
+        except Exception as err:  # noqa: BLE001 - a graph PyTorch cannot serialize costs a restart's compile, not the run
+            log.warning("graph cache: %s could not be serialized (%s: %s); nothing saved for it, the next start "
+                        "compiles it", path, type(err).__name__, err)
+            continue
         kernels = _kernels_in_use() if kernels is None else kernels
-        entry = cache.save(path, component_key(pipe, path, state), compiled.serialize(), compiled.signatures, kernels)
+        entry = cache.save(path, component_key(pipe, path, state), blobs, compiled.signatures, kernels)
         if entry is None:
             continue
         compiled.dirty = False
