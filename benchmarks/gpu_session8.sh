@@ -3,6 +3,8 @@
 # (nothing stays warm between calls, so the graph cache travels through $OUT and `carry`).
 #   fill:     the serve bench's own onediffx server fills the cache (two sizes, batch 1 and 2) and is
 #             restarted on it; the fp8 oracle and attention GPU tests run beside it; the cache is packed.
+#             Each compiled shape is saved as it finishes: run it again (carrying the parts in
+#             outputs/carry) to go on from what an earlier call saved.
 #   serve:    the serve bench (onediffx and the diffusers peer) on the carried cache.
 #   quantize: quantize=off with compile.attention=flash against auto, and fp8, beside the recipe.
 set -u
@@ -13,6 +15,7 @@ SERVE=(model=sdxl model.synthetic=true compile=inductor 'bench.scenarios=[serve]
        bench.serve_requests=16 "bench.serve_cache=$G" "cache.dir=$G")
 case "${1:-}" in
   fill)
+    if ls outputs/carry/graphs.tgz.* >/dev/null 2>&1; then cat outputs/carry/graphs.tgz.* | tar xzf - -C outputs; fi
     python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "fp8_compiled or attention" > "$OUT/gpu-tests.log" 2>&1 &
     tests=$!
     timeout 520 python3 -m onediffx bench "${SERVE[@]}" bench.serve_peer=false 'bench.serve_concurrency=[]' \

@@ -2,7 +2,7 @@
 
 Stages talk to each other and to the commands only through these named fields and hooks, so a
 reader can find who sets ``graph_hit`` or who runs before every call without searching for
-string keys. Commands call ``before_call()`` (through ``generate``) and ``close()`` (when done),
+string keys. Commands call ``before_call()`` and ``after_call()`` (through ``generate``) and ``close()`` (when done),
 and never need to know which stage asked for them.
 """
 
@@ -40,6 +40,7 @@ class Assembly:
     progressive: Any = None
     """The background compile of ``compile.progressive`` while it is in flight (``stages.progressive``)."""
     _before_call: list[Hook] = field(default_factory=list, repr=False)
+    _after_call: list[Hook] = field(default_factory=list, repr=False)
     _on_close: list[Hook] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
 
@@ -51,12 +52,20 @@ class Assembly:
         """Run ``hook(asm)`` before every generation call (e.g. switch to graphs that have landed)."""
         self._before_call.append(hook)
 
+    def add_after_call(self, hook: Hook) -> None:
+        """Run ``hook(asm)`` after every generation call (e.g. save graphs the call compiled)."""
+        self._after_call.append(hook)
+
     def add_on_close(self, hook: Hook) -> None:
         """Run ``hook(asm)`` once when the command is done with the pipeline (e.g. reap a process)."""
         self._on_close.append(hook)
 
     def before_call(self) -> None:
         for hook in list(self._before_call):
+            hook(self)
+
+    def after_call(self) -> None:
+        for hook in list(self._after_call):
             hook(self)
 
     def close(self) -> None:

@@ -136,6 +136,7 @@ def generate(asm: Assembly, settings: Settings) -> Generation:
         images, frames = asm.pipe(**args, generator=_generators(settings.seeds)).images, None
     synchronize(asm.device)
     seconds = time.perf_counter() - start
+    asm.after_call()  # e.g. save-graph: keep what this call compiled, before a bad image can stop the run
     watch.check(settings.steps)
     return Generation(images=images, frames=frames, seconds=seconds)
 

@@ -266,3 +266,38 @@ def test_ahead_of_time_regions_restart_without_tracing(compiled, tmp_path):
     assert restart["compile_counters"]["graphs_compiled"] == 0 and restart["compile_counters"]["dynamo_graphs"] == 0
     assert np.abs(images[1] - images[0]).max() <= 1
     assert np.abs(images[0] - compiled["eager"][64]).max() <= 2
+
+
+def test_a_start_cut_short_keeps_the_shapes_it_finished(tmp_path):
+    """Each call that compiles saves: a start killed while compiling its second warm-up shape leaves
+    the first in the cache, and the next start at that shape loads it and compiles nothing."""
+    import os
+    import signal
+    import time
+
+    cache = tmp_path / "graphs"
+    common = ["compile=inductor", "compile.components=[unet]", f"cache.dir={cache}", "steps=2", "height=64", "width=64"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    shapes = "warmup.shapes=[{height:64,width:64,batch:1},{height:56,width:72,batch:1}]"
+    first = subprocess.Popen([sys.executable, "-m", "onediffx", "run", *common, shapes], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(cache.rglob("manifest.json")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, f"the first start ended before any save: {first.stderr.read()[-2000:]}"
+        os.killpg(first.pid, signal.SIGKILL)  # while the second shape compiles
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    (tmp_path / "again").mkdir()
+    again = run_cli("run", *common, cwd=tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    (job,) = job_dirs(tmp_path / "again" / "outputs")
+    metrics = json.loads((job / "metrics.json").read_text())
+    load = metrics["stages"]["load-graph"]
+    assert load["hit"] is True and load["components"]["unet"]["graphs"] == 1, load
+    assert metrics["compile_counters"]["graphs_compiled"] == 0

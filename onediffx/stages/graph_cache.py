@@ -2,7 +2,8 @@
 
 ``load-graph`` runs right after ``compile``: a hit means the warm-up and the first image run
 graphs read from disk, with no tracing or compiling. ``save-graph`` runs after warm-up and writes
-only what was compiled in this process (a miss, or a shape the cache did not have yet).
+only what was compiled in this process (a miss, or a shape the cache did not have yet); each call
+that compiles saves too (``SaveAsCompiled``), so a start cut short keeps the shapes it finished.
 
 A hit is checked after the first call (the warm-up's, or the first image's when warm-up is
 skipped): if anything compiled all the same (a loaded graph whose guards failed, a kernel
@@ -98,12 +99,33 @@ def miss_after_load(asm: Assembly, compiled: int) -> None:
 
 
 def save(asm: Assembly) -> None:
+    """Write what compiled since the last save; the report keeps every entry written in this process."""
     from ..compile import compile_state, save_pipe
 
     state = compile_state(asm.pipe)
     compiled_here = sum(c.compiles for c in state.saveable.values())
     written = save_pipe(asm.pipe, asm.cfg.cache.dir, overwrite=False, **_access(asm))
+    written = {**asm.report.get("save-graph", {}).get("written", {}), **written}
     asm.note("save-graph", saved=bool(written), compiled_here=compiled_here, written=written)
+
+
+class SaveAsCompiled:
+    """Saves after each call that compiled something, not only once the warm-up is over.
+
+    An SDXL graph takes one to two minutes to compile: a start that warms four shapes and is cut
+    short (a deploy's time limit, a preempted machine, a ten-minute job) used to lose all of them;
+    now the next start loads the shapes finished and compiles only the rest. A shape compiled while
+    serving is kept for the next start the same way.
+    """
+
+    def __init__(self, asm: Assembly) -> None:
+        self.seen = compile_events(asm)
+
+    def after_call(self, asm: Assembly) -> None:
+        events = compile_events(asm)
+        if events > self.seen and not asm.cfg.compile.progressive:  # progressive saves from its own process
+            save(asm)
+        self.seen = events
 
 
 @register_stage("load-graph")
@@ -132,6 +154,8 @@ class LoadGraphStage(Stage):
                  components={k: {"hit": v["hit"], "graphs": v.get("graphs", 0), "reason": v.get("reason"),
                                  **{f: v[f] for f in ("kernels_restored", "kernels_built") if f in v}}
                              for k, v in found.items()})
+        if "save-graph" in asm.cfg.stages:
+            asm.add_after_call(SaveAsCompiled(asm).after_call)
         if hit:
             check = HitCheck(asm)
             asm.add_before_call(check.before_call)
