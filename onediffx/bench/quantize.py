@@ -5,7 +5,8 @@ reference image and one captured UNet call), the strongest plain-PyTorch recipe 
 documentation, onediffx ``compile_pipe`` unquantized, and onediffx with each mode
 of ``bench.quantize_modes`` (``quantize_pipe`` then ``compile_pipe``). Every row has its end-to-end
 latency, UNet step, first call (compile or cache load included), peak memory, PSNR/SSIM of its image
-and the relative error of the captured UNet call against eager, its speed-up over eager and over
+against unquantized onediffx and against the same pipeline unquantized in the quantized one's dtype
+(fp8 runs in bfloat16), the relative error of the captured UNet call against eager, its speed-up over eager and over
 the recipe (``recipe``), and on CUDA the time to switch between two loaded LoRAs (fused from the
 high-precision originals and re-quantized) with a check that unfusing is exact. Compiled graphs
 go through the graph cache (``cache.dir``), so a second run of the bench loads them instead of
@@ -33,7 +34,7 @@ from ..assembly import Assembly
 from ..compile import compile_pipe, compile_state, load_pipe, save_pipe
 from ..generate import Settings, generate
 from ..quantize import QuantizeConfig, quantize_pipe, quantize_state
-from ..quantize.modes import check_supported
+from ..quantize.modes import check_supported, needed_dtype
 from ..quantize.quality import Captured, capture_first_call, image_fidelity, output_error
 from .measure import UNetProbe, matmul_peak_tflops, timed
 from .recipe import RECIPE, recipe_row
@@ -72,6 +73,14 @@ def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig,
     options = OmegaConf.to_object(cfg.compile)
     facts: dict[str, Any] = {}
     if mode != "off":
+        target = needed_dtype(mode, asm.dtype)
+        if target != asm.dtype:
+            asm.pipe.to(dtype=target)
+            asm.dtype = target
+        # The same pipeline unquantized, in the dtype the quantized one runs in (eager: compiled gives
+        # the same image). With random weights, 30 steps amplify any difference: fp16 against bf16 alone
+        # moves the image far, and only this reference isolates what quantizing did.
+        facts["same_dtype_reference"] = np.asarray(generate(asm, settings).images[0], dtype=np.float64)
         start = time.perf_counter()
         quantize_pipe(asm.pipe, options=QuantizeConfig(mode=mode))
         state = quantize_state(asm.pipe)
@@ -145,7 +154,7 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
     unquantized = next((r.get("image") for r in rows if r.get("method", "").startswith("onediffx quantize=off")), None)
     for row in rows:
         row["scenario"] = "quantize"
-        image = row.pop("image", None)
+        image, same_dtype = row.pop("image", None), row.pop("same_dtype_reference", None)
         if "e2e_s" not in row:
             continue
         row["speedup"] = round(eager / row["e2e_s"], 3)
@@ -158,5 +167,9 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
             psnr, ssim = image_fidelity(unquantized.astype(np.uint8), image.astype(np.uint8))
             row["psnr_vs_unquantized_db"] = round(psnr, 2)
             row["ssim_vs_unquantized"] = None if ssim is None else round(ssim, 4)
+        if image is not None and same_dtype is not None:
+            psnr, ssim = image_fidelity(same_dtype.astype(np.uint8), image.astype(np.uint8))
+            row["psnr_vs_unquantized_same_dtype_db"] = round(psnr, 2)
+            row["ssim_vs_unquantized_same_dtype"] = None if ssim is None else round(ssim, 4)
     rows[0]["quality_note"] = "random (synthetic) weights: PSNR/SSIM/rel. error show nothing broke, not real-model quality"
     return rows
