@@ -443,6 +443,49 @@ def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_b
     assert "serve row: " in proc.stdout + proc.stderr  # each row is logged as measured
 
 
+def test_a_serve_bench_ended_by_sigterm_leaves_no_server_behind(tmp_path):
+    """``timeout`` ends a bench with SIGTERM; its servers run in sessions of their own and must be
+    stopped by the bench, not left holding the device (as one was on the H200)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    def ours() -> list[str]:  # processes whose command line points into this test's folder
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(tmp_path) in text and "onediffx" in text:
+                found.append(text)
+        return found
+
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    bench = subprocess.Popen([sys.executable, "-m", "onediffx", "bench", "model=tiny", "model.synthetic=false",
+                              "compile=none", "bench.scenarios=[serve]", "steps=2", "hydra.run.dir=out"],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("onediffx-serve-bench-*/onediffx-*.log")) and time.monotonic() < deadline:
+            assert bench.poll() is None, "the bench ended before starting a server"
+            time.sleep(0.2)
+        time.sleep(2)
+        assert ours(), "no server process found to stop"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=180) != 0
+        deadline = time.monotonic() + 60
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not ours(), ours()
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+
+
 @pytest.mark.parametrize("override, message", [
     ("serve.batch_sizes=[1,2]", "serve.batch_sizes: [1, 2] is not allowed; expected sizes from 1 to serve.max_batch=4"),
     ("serve.replicas=two", "serve.replicas: 'two' is not allowed; expected a number >= 1 or 'all'"),

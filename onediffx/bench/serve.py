@@ -13,6 +13,7 @@ a time; it is warmed on every size and LoRA of the mix before it says ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -21,10 +22,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from itertools import count
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from omegaconf import DictConfig
@@ -302,8 +304,32 @@ def _ready_row(server: str, label: str, seconds: float, exit_code: Optional[int]
     return _logged({"scenario": "serve", "server": server, "load": label, "ready_s": round(seconds, 2), "exit_code": exit_code})
 
 
+@contextlib.contextmanager
+def _sigterm_stops_servers() -> Iterator[None]:
+    """SIGTERM (``timeout``, an orchestrator) ends Python without running ``finally`` clauses, and the
+    servers, in sessions of their own, do not get it: on the H200 one kept compiling after its bench
+    was gone. As ``SystemExit`` it unwinds through the ``finally`` clauses that stop them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
     """Rows for onediffx (cold and warm start, then load levels) and the diffusers peer."""
+    with _sigterm_stops_servers():
+        return _serve_rows(cfg)
+
+
+def _serve_rows(cfg: DictConfig) -> list[dict[str, Any]]:
     timeout = cfg.bench.serve_ready_timeout
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     rows: list[dict[str, Any]] = []
@@ -334,9 +360,9 @@ def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
             peer_s = peer.wait_ready(timeout)
             measured = _drive(cfg, peer.label, peer.url)
         except Exception as err:  # noqa: BLE001
-            peer.stop()
             return rows + [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
-        code = peer.stop()
+        finally:
+            code = peer.stop()
         rows.append(_ready_row(peer.label, "start → /readyz, cold", peer_s, code))
         rows += measured
     return rows
