@@ -119,10 +119,21 @@ class SaveAsCompiled:
     """
 
     def __init__(self, asm: Assembly) -> None:
-        self.seen = compile_events(asm)
+        self.seen = self._compiled(asm)
+
+    @staticmethod
+    def _compiled(asm: Assembly) -> int:
+        """Counters only: this runs after every call, and ``compile_events`` lists Inductor's folder."""
+        from torch._dynamo.utils import counters
+
+        from ..compile import compile_state
+
+        state = compile_state(asm.pipe)
+        saveable = sum(c.compiles for c in state.saveable.values()) if state else 0
+        return saveable + int(counters["inductor"]["fxgraph_cache_miss"]) + int(counters["stats"]["unique_graphs"])
 
     def after_call(self, asm: Assembly) -> None:
-        events = compile_events(asm)
+        events = self._compiled(asm)
         if events > self.seen and not asm.cfg.compile.progressive:  # progressive saves from its own process
             save(asm)
         self.seen = events
