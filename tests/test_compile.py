@@ -210,6 +210,36 @@ def test_concurrent_saves_leave_one_valid_entry(compiled, tmp_path):
     assert loaded is not None and loaded.blobs == blobs
 
 
+def test_processes_that_compiled_other_shapes_fill_one_entry_together(compiled, tmp_path):
+    """Two processes save the same key at once, each with the one shape it compiled (a parallel fill):
+    the entry ends with both, and a fresh pipeline runs both sizes from it without compiling."""
+    unet = _unet(compiled)
+    for i, blob in enumerate(unet.serialize()):
+        (tmp_path / f"blob{i}").write_bytes(blob)
+    key = component_key(compiled["pipe"], "unet", compile_state(compiled["pipe"]))
+    (tmp_path / "key.json").write_text(json.dumps(key))
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from onediffx.graph_cache import GraphCache
+        src, i = Path({str(tmp_path)!r}), int(sys.argv[1])
+        key, signature = json.loads((src / "key.json").read_text()), json.loads(sys.argv[2])
+        for _ in range(5):
+            GraphCache(src / "cache").save("unet", key, [(src / f"blob{{i}}").read_bytes()], [signature])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), json.dumps(signature)], cwd=REPO)
+             for i, signature in enumerate(unet.signatures)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    fresh = tiny_sd()
+    fresh.set_progress_bar_config(disable=True)
+    compile_pipe(fresh, "inductor", _options())
+    found = load_pipe(fresh, str(tmp_path / "cache"))
+    assert found["unet"]["hit"] is True and found["unet"]["graphs"] == len(SIZES)
+    for size in SIZES:
+        assert np.array_equal(_image(fresh, size), compiled["images"][size])
+    assert compile_state(fresh).saveable["unet"].compiles == 0
+
+
 def test_unknown_backend_and_missing_onediff_are_one_line(compose_run):
     from onediffx.errors import ConfigError, NotAvailableError
     from onediffx.resolver import plan

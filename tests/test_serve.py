@@ -209,6 +209,9 @@ def test_batched_mixed_requests_match_the_batch_command(server, root, conf):
     assert m["onediffx_lora_switches_total"] >= 2
     assert m["onediffx_batch_seconds_count{replica=replica0}"] > 0 and m["onediffx_batch_seconds_count{replica=replica1}"] > 0
     assert m["onediffx_queue_depth"] == 0
+    # the start's phases by the server's clock: the bench counts the ready target from the weights
+    assert 0 < m["onediffx_weights_loaded_time_seconds"] < m["onediffx_ready_time_seconds"] <= time.time()
+    assert m["process_start_time_seconds"] < m["onediffx_weights_loaded_time_seconds"]
 
 
 @pytest.mark.parametrize("body, param, allowed", [
@@ -441,6 +444,27 @@ def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_b
     assert [r["load"] for r in rows] == ["start → /readyz, first start", "start → /readyz, warm graph cache"], rows
     assert all(r["exit_code"] == 0 and r["ready_s"] > 0 for r in rows)
     assert "serve row: " in proc.stdout + proc.stderr  # each row is logged as measured
+
+
+@pytest.mark.slow
+def test_a_parallel_fill_leaves_every_shape_for_the_warm_start(tmp_path):
+    """``bench.serve_fill_jobs=2``: two first starts at once, each compiling one size of the mix into the
+    one cache (their saves merge), the peer starting beside them; the warm start compiles nothing."""
+    proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=inductor", "bench.scenarios=[serve]",
+                   "bench.serve_concurrency=[]", "bench.serve_fill_jobs=2", "bench.serve_max_batch=1", "bench.peer_compile=false",
+                   f"bench.serve_cache={tmp_path / 'graphs'}", "steps=2", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [(r["server"], r["load"]) for r in rows] == [
+        ("onediffx", f"start → /readyz, first start on {tmp_path / 'graphs'}, 2 processes"),
+        ("onediffx", "start → /readyz, warm graph cache"),
+        ("diffusers eager (1 at a time)", "start → /readyz, beside onediffx's fill")], rows
+    assert all(r["exit_code"] == 0 and r["ready_s"] > 0 for r in rows)
+    assert 0 < rows[1]["ready_after_weights_s"] < rows[1]["ready_s"]
+    manifests = [json.loads(m.read_text()) for m in (tmp_path / "graphs" / "unet").glob("*/manifest.json")]
+    assert len(manifests) == 1
+    heights = sorted({g["signature"][0][0][0][2] for g in manifests[0]["graphs"]})
+    assert len(heights) == 2, heights  # each process's size is in the one entry
 
 
 def test_a_serve_bench_ended_by_sigterm_leaves_no_server_behind(tmp_path):

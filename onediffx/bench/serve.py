@@ -132,18 +132,20 @@ class _Process:
         return self.proc.wait()
 
 
-def _env(work: Path, inductor: str) -> dict[str, str]:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / inductor), "PYTHONUNBUFFERED": "1"}
+def _env(inductor: Path) -> dict[str, str]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     for key in ("ONEDIFFX_FULL_ERROR", "HYDRA_FULL_ERROR"):
         env.pop(key, None)
     return env
 
 
-def _onediffx(cfg: DictConfig, work: Path, label: str) -> _Process:
+def _onediffx(cfg: DictConfig, work: Path, label: str, sizes: Optional[list[tuple[int, int]]] = None) -> _Process:
+    """An ``onediffx serve`` process warming ``sizes`` (default: every size of the mix); the graph
+    cache key does not depend on them, so processes warming other sizes fill one cache."""
     port = _free_port()
     model = cfg.model
-    sizes = _sizes(cfg)
+    sizes = sizes or _sizes(cfg)
     compiled = cfg.compile.backend != "none"
     most = cfg.bench.serve_max_batch
     batch_sizes = sorted({b for b in (1, 2, 4, 8, 16) if b < most} | {most}) if compiled else []
@@ -155,7 +157,7 @@ def _onediffx(cfg: DictConfig, work: Path, label: str) -> _Process:
            f"warmup.shapes=[{shapes}]", "warmup.on_cache_hit=run", f"serve.port={port}",
            f"serve.max_batch={cfg.bench.serve_max_batch}", f"serve.batch_sizes=[{','.join(map(str, batch_sizes))}]",
            "serve.queue_limit=1024", "serve.request_timeout_s=1800", f"device={cfg.device}"]
-    return _Process(label, cmd, _env(work, "inductor-onediffx"), work / f"{label.split()[0]}-{int(time.time())}.log", port)
+    return _Process(label, cmd, _env(work / "inductor-onediffx"), work / f"{label.replace(' ', '-')}.log", port)
 
 
 def _peer(cfg: DictConfig, work: Path, files: dict[str, Path]) -> _Process:
@@ -167,7 +169,8 @@ def _peer(cfg: DictConfig, work: Path, files: dict[str, Path]) -> _Process:
     cmd += [arg for name, path in files.items() for arg in ("--lora", f"{name}={path}")]
     if "torch.compile" in _peer_label(cfg):
         cmd.append("--compile")
-    return _Process(_peer_label(cfg), cmd, _env(work, "inductor-peer"), work / "peer.log", port)
+    inductor = Path(cfg.bench.serve_peer_cache).expanduser().resolve() if cfg.bench.serve_peer_cache else work / "inductor-peer"
+    return _Process(_peer_label(cfg), cmd, _env(inductor), work / "peer.log", port)
 
 
 def _peer_label(cfg: DictConfig) -> str:
@@ -183,6 +186,18 @@ def _samples(response: Any, wanted: set[str]) -> dict[str, float]:
         return {}
     return {s.name: s.value for f in text_string_to_metric_families(response.text) for s in f.samples
             if s.name in wanted}
+
+
+def _after_weights(url: str) -> Optional[float]:
+    """Seconds from the model weights loaded to ready, by the server's own clock (``None`` for a
+    server without those gauges: the peer). The issue's start target is counted from there: how
+    long weights take to read depends on the disk, not on onediffx."""
+    with Client(url) as client:
+        response = client.http.get("/metrics")
+    times = _samples(response, {"onediffx_weights_loaded_time_seconds", "onediffx_ready_time_seconds"})
+    if len(times) < 2 or not all(times.values()):
+        return None
+    return round(times["onediffx_ready_time_seconds"] - times["onediffx_weights_loaded_time_seconds"], 2)
 
 
 def _metric_sums(url: str) -> dict[str, float]:
@@ -274,12 +289,12 @@ def _drive(cfg: DictConfig, server: str, url: str) -> list[dict[str, Any]]:
         best = max(best, result["images_per_s"])
         rows.append(_logged({"scenario": "serve", "server": server, "load": f"closed, {concurrency} clients",
                              **result, **_batching(before, after)}))
-    if best > 0:
+    single = next((r["p50_s"] for r in rows if r["load"] == "closed, 1 clients"), None)
+    for fraction in cfg.bench.serve_open_fractions if best > 0 else ():
         before = _metric_sums(url)
-        result = asyncio.run(_open(url, request_mix(cfg, cfg.bench.serve_requests, next(offset)), 0.8 * best))
-        single = next((r["p50_s"] for r in rows if r["load"] == "closed, 1 clients"), None)
-        rows.append(_logged({"scenario": "serve", "server": server, "load": "open (Poisson), 80% of best", **result,
-                             "p99_over_single": round(result["p99_s"] / single, 2) if single else None,
+        result = asyncio.run(_open(url, request_mix(cfg, cfg.bench.serve_requests, next(offset)), fraction * best))
+        rows.append(_logged({"scenario": "serve", "server": server, "load": f"open (Poisson), {fraction:.0%} of best",
+                             **result, "p99_over_single": round(result["p99_s"] / single, 2) if single else None,
                              **_batching(before, _metric_sums(url))}))
     return rows
 
@@ -300,8 +315,11 @@ def _logged(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _ready_row(server: str, label: str, seconds: float, exit_code: Optional[int]) -> dict[str, Any]:
-    return _logged({"scenario": "serve", "server": server, "load": label, "ready_s": round(seconds, 2), "exit_code": exit_code})
+def _ready_row(server: str, label: str, seconds: float, exit_code: Optional[int],
+               after_weights: Optional[float] = None) -> dict[str, Any]:
+    extra = {} if after_weights is None else {"ready_after_weights_s": after_weights}
+    return _logged({"scenario": "serve", "server": server, "load": label, "ready_s": round(seconds, 2),
+                    "exit_code": exit_code, **extra})
 
 
 @contextlib.contextmanager
@@ -329,31 +347,54 @@ def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
         return _serve_rows(cfg)
 
 
+def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
+    """onediffx's first start: ``serve_fill_jobs`` processes, each warming its share of the sizes."""
+    sizes = _sizes(cfg)
+    jobs = max(1, min(cfg.bench.serve_fill_jobs, len(sizes)))
+    servers = [_onediffx(cfg, work, f"onediffx cold {i}" if jobs > 1 else "onediffx cold", sizes[i::jobs])
+               for i in range(jobs)]
+    codes: list[Optional[int]] = []
+    try:
+        seconds = max(server.wait_ready(cfg.bench.serve_ready_timeout) for server in servers)
+    finally:
+        codes = [server.stop() for server in servers]
+    return seconds, next((c for c in codes if c), codes[0] if codes else None)
+
+
 def _serve_rows(cfg: DictConfig) -> list[dict[str, Any]]:
     timeout = cfg.bench.serve_ready_timeout
+    fill_only = not cfg.bench.serve_concurrency
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="onediffx-serve-bench-") as tmp:
         work = Path(tmp)
         files = _loras(cfg, work)
-        cold = _onediffx(cfg, work, "onediffx cold")
+        peer = _peer(cfg, work, files) if fill_only and cfg.bench.serve_peer else None
         try:
-            cold_s = cold.wait_ready(timeout)
+            cold_s, code = _cold_start(cfg, work)
+            what = "first start" if cfg.compile.backend == "none" else \
+                "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
+            jobs = max(1, min(cfg.bench.serve_fill_jobs, len(_sizes(cfg))))
+            rows.append(_ready_row("onediffx", f"start → /readyz, {what}" + (f", {jobs} processes" if jobs > 1 else ""),
+                                   cold_s, code))
+            warm = _onediffx(cfg, work, "onediffx warm")
+            try:
+                warm_s = warm.wait_ready(timeout)
+                after_weights = _after_weights(warm.url)
+                log.info("serve: onediffx warm start ready in %.2f s (%s s after the weights)", warm_s, after_weights)
+                measured = _drive(cfg, "onediffx", warm.url)
+            finally:
+                code = warm.stop()
+            rows.append(_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code, after_weights))
+            rows += measured
+            if peer is not None:  # started beside the fill: its start fills its Inductor cache
+                peer_s = peer.wait_ready(timeout)
+                code, peer = peer.stop(), None
+                rows.append(_ready_row(_peer_label(cfg), "start → /readyz, beside onediffx's fill", peer_s, code))
         finally:
-            code = cold.stop()
-        what = "first start" if cfg.compile.backend == "none" else \
-            "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
-        rows.append(_ready_row("onediffx", f"start → /readyz, {what}", cold_s, code))
-        warm = _onediffx(cfg, work, "onediffx warm")
-        try:
-            warm_s = warm.wait_ready(timeout)
-            log.info("serve: onediffx warm start ready in %.2f s", warm_s)
-            measured = _drive(cfg, "onediffx", warm.url)
-        finally:
-            code = warm.stop()
-        rows.append(_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code))
-        rows += measured
-        if not cfg.bench.serve_peer:
+            if peer is not None:
+                peer.stop()
+        if not cfg.bench.serve_peer or fill_only:
             return rows
         peer = _peer(cfg, work, files)
         try:  # a peer that fails (a recompile storm, an OOM) must not lose onediffx's rows
@@ -363,6 +404,7 @@ def _serve_rows(cfg: DictConfig) -> list[dict[str, Any]]:
             return rows + [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
         finally:
             code = peer.stop()
-        rows.append(_ready_row(peer.label, "start → /readyz, cold", peer_s, code))
+        warm_cache = " (warm Inductor cache)" if cfg.bench.serve_peer_cache else ""
+        rows.append(_ready_row(peer.label, f"start → /readyz, cold{warm_cache}", peer_s, code))
         rows += measured
     return rows

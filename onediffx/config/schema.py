@@ -232,7 +232,9 @@ class BenchOptions:
     recipe_mode: str = "reduce-overhead"
     """``torch.compile`` mode of that recipe (``reduce-overhead`` or ``max-autotune-no-cudagraphs``)."""
     serve_concurrency: List[int] = field(default_factory=lambda: [1, 4, 16])
-    """``serve`` scenario: closed-loop client counts; the open-loop rate is 80% of the best throughput."""
+    """``serve`` scenario: closed-loop client counts."""
+    serve_open_fractions: List[float] = field(default_factory=lambda: [0.8])
+    """``serve`` scenario: open-loop (Poisson) arrival rates, as fractions of the best closed-loop throughput."""
     serve_requests: int = 32
     """``serve`` scenario: requests per load level (at least twice the concurrency)."""
     serve_max_batch: int = 4
@@ -243,7 +245,15 @@ class BenchOptions:
     serve_peer: bool = True
     """``serve`` scenario: also drive the plain diffusers server. ``false`` with ``serve_concurrency=[]``
     and ``serve_cache`` set only fills that cache with the exact server arguments of a later run and
-    times the warm start: a first short call on a machine that cannot hold one long run."""
+    times the warm start: a first short call on a machine that cannot hold one long run. With
+    ``serve_concurrency=[]`` and the peer on, the peer starts beside that fill, to fill its own
+    Inductor cache (``serve_peer_cache``)."""
+    serve_peer_cache: Optional[str] = None
+    """``serve`` scenario: the peer's ``TORCHINDUCTOR_CACHE_DIR``, kept between runs; unset, a fresh
+    folder (the peer's start compiles everything)."""
+    serve_fill_jobs: int = 1
+    """``serve`` scenario: onediffx's first start as this many processes at once, each warming its share
+    of the sizes into the one graph cache (saves merge); the warm start then loads every shape."""
 
 
 @dataclass

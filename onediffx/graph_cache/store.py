@@ -6,7 +6,10 @@ HMAC over all of it) and the files it names. A new key gets a new folder, so a c
 jobs of different dtypes or cards keeps one entry for each.
 
 Writes go to a temporary folder (files fsynced) renamed into place under a file lock, so a reader
-never sees half an entry and two jobs saving the same entry leave one valid entry. Nothing here
+never sees half an entry and two jobs saving the same entry leave one valid entry. A save keeps the
+graphs of the entry it replaces whose input signatures it does not bring itself: processes that
+each compile other shapes (parallel fills, replicas warmed on different sizes) fill one entry
+together instead of each erasing the others' shapes. Nothing here
 is fatal: a cache folder that is a file, a lock path that is a folder, a folder others can write,
 an entry that fails a check: one warning line, and the run compiles as if nothing were saved.
 A read-only cache folder loads without locking and is never written to. An entry that fails its
@@ -197,8 +200,8 @@ class GraphCache:
 
     def save(self, component: str, key: dict[str, Any], blobs: list[bytes], signatures: list[Any],
              kernels: list[tuple[str, bytes]] = ()) -> Optional[Path]:
-        """Write an entry atomically (an existing entry for the key is replaced whole); ``None``
-        when the cache cannot be written, said in one warning."""
+        """Write an entry atomically; graphs of an existing entry for the key stay unless this save
+        brings their signature. ``None`` when the cache cannot be written, said in one warning."""
         entry = self.entry_dir(component, key)
         try:
             self._check_root()
@@ -223,8 +226,26 @@ class GraphCache:
             _warn_once(f"graph cache {self.root}: saving {component} failed ({err}); not saved")
             return None
 
+    def _kept(self, entry: Path, component: str, key: dict[str, Any], signatures: list[Any],
+              kernels: list[tuple[str, bytes]], secret: bytes) -> tuple[list[bytes], list[Any], list[tuple[str, bytes]]]:
+        """What of the entry being replaced this save keeps: its graphs for signatures the save does
+        not bring, and its kernels the save lacks. An old entry that fails a check keeps nothing."""
+        if not entry.is_dir():
+            return [], [], []
+        try:
+            old = self._read(entry, component, key, secret)
+        except (Rejected, ManifestError, OSError, ValueError):
+            return [], [], []
+        mine = {canonical(s) for s in signatures}
+        graphs = [(b, s) for b, s in zip(old.blobs, old.signatures) if canonical(s) not in mine]
+        have = {target for target, _ in kernels}
+        return [b for b, _ in graphs], [s for _, s in graphs], [k for k in old.kernels if k[0] not in have]
+
     def _write_entry(self, entry: Path, component: str, key: dict[str, Any], blobs: list[bytes],
                      signatures: list[Any], kernels: list[tuple[str, bytes]], secret: bytes) -> Path:
+        kept_blobs, kept_signatures, kept_kernels = self._kept(entry, component, key, signatures, kernels, secret)
+        blobs, signatures = [*blobs, *kept_blobs], [*signatures, *kept_signatures]
+        kernels = [*kernels, *kept_kernels]
         tmp = entry.parent / f".tmp-{uuid.uuid4().hex}"
         try:
             tmp.mkdir(mode=0o755)

@@ -81,6 +81,8 @@ class LocalEngine:
             return
         self.scheduler.start(self.replicas)
         self.ready_seconds = time.perf_counter() - start
+        self.metrics.weights_loaded_time.set(max(r.weights_loaded_at or 0.0 for r in self.replicas))
+        self.metrics.ready_time.set(time.time())
         self.ready = True
         self.metrics.ready.set(1)
         if self.on_ready:

@@ -61,6 +61,9 @@ class ServeMetrics:
         self.lora_switch_seconds = Histogram("onediffx_lora_switch_seconds", "Seconds of one LoRA switch",
                                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.ready = Gauge("onediffx_ready", "1 once every replica is assembled and warm", registry=r)
+        self.weights_loaded_time = Gauge("onediffx_weights_loaded_time_seconds",
+                                         "Unix time the last replica had its model weights loaded", registry=r)
+        self.ready_time = Gauge("onediffx_ready_time_seconds", "Unix time the server turned ready", registry=r)
         self.busy = Gauge("onediffx_replicas_busy", "Replicas running a batch now", registry=r)
         self.replicas = Gauge("onediffx_replicas", "Replicas (pipelines) behind the endpoint", registry=r)
         r.register(GpuMemory(devices))

@@ -74,6 +74,8 @@ class Replica:
         self.asm: Optional[Assembly] = None
         _, self.lora_names, self.lora_weights = lora_stack(cfg)
         self.on_lora_switch: Optional[Callable[[float], None]] = None
+        self.weights_loaded_at: Optional[float] = None
+        """Unix time the model weights were in memory (before LoRAs, compiling, graphs and warm-up)."""
 
     def load(self) -> Assembly:
         """Assemble with the run's stages; ``serve.batch_sizes`` become warm-up shapes, so every
@@ -84,7 +86,9 @@ class Replica:
             shapes = [(s.height, s.width) for s in self.cfg.warmup.shapes] or [
                 (self.cfg.height or model.height, self.cfg.width or model.width)]
             self.cfg.warmup.shapes = [ShapeConfig(height=h, width=w, batch=b) for h, w in shapes for b in sizes]
+        started = time.time()
         self.asm = assemble(self.cfg)
+        self.weights_loaded_at = started + self.asm.report["load"]["seconds"]
         self.asm.pipe.set_progress_bar_config(disable=True)
         return self.asm
 
