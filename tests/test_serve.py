@@ -444,6 +444,9 @@ def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_b
     assert [r["load"] for r in rows] == ["start → /readyz, first start", "start → /readyz, warm graph cache"], rows
     assert all(r["exit_code"] == 0 and r["ready_s"] > 0 for r in rows)
     assert "serve row: " in proc.stdout + proc.stderr  # each row is logged as measured
+    kept = tmp_path / "out" / "serve-logs"  # the servers' own logs outlive the bench's temporary folder
+    assert sorted(p.name for p in kept.iterdir()) == ["onediffx-cold.log", "onediffx-warm.log"]
+    assert "onediffx serve: ready in" in (kept / "onediffx-warm.log").read_text()
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -341,10 +342,19 @@ def _sigterm_stops_servers() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_serve_bench(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Rows for onediffx (cold and warm start, then load levels) and the diffusers peer."""
-    with _sigterm_stops_servers():
-        return _serve_rows(cfg)
+def run_serve_bench(cfg: DictConfig, logs: Optional[Path] = None) -> list[dict[str, Any]]:
+    """Rows for onediffx (cold and warm start, then load levels) and the diffusers peer. Each
+    server's own log (its start-up table says where the seconds to ready went) is copied to ``logs``."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    with _sigterm_stops_servers(), tempfile.TemporaryDirectory(prefix="onediffx-serve-bench-") as tmp:
+        work = Path(tmp)
+        try:
+            return _serve_rows(cfg, work)
+        finally:
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+                for server_log in work.glob("*.log"):
+                    shutil.copy2(server_log, logs / server_log.name)
 
 
 def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
@@ -361,50 +371,46 @@ def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
     return seconds, next((c for c in codes if c), codes[0] if codes else None)
 
 
-def _serve_rows(cfg: DictConfig) -> list[dict[str, Any]]:
+def _serve_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
     timeout = cfg.bench.serve_ready_timeout
     fill_only = not cfg.bench.serve_concurrency
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="onediffx-serve-bench-") as tmp:
-        work = Path(tmp)
-        files = _loras(cfg, work)
-        peer = _peer(cfg, work, files) if fill_only and cfg.bench.serve_peer else None
+    files = _loras(cfg, work)
+    peer = _peer(cfg, work, files) if fill_only and cfg.bench.serve_peer else None
+    try:
+        cold_s, code = _cold_start(cfg, work)
+        what = "first start" if cfg.compile.backend == "none" else \
+            "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
+        jobs = max(1, min(cfg.bench.serve_fill_jobs, len(_sizes(cfg))))
+        rows.append(_ready_row("onediffx", f"start → /readyz, {what}" + (f", {jobs} processes" if jobs > 1 else ""),
+                               cold_s, code))
+        warm = _onediffx(cfg, work, "onediffx warm")
         try:
-            cold_s, code = _cold_start(cfg, work)
-            what = "first start" if cfg.compile.backend == "none" else \
-                "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
-            jobs = max(1, min(cfg.bench.serve_fill_jobs, len(_sizes(cfg))))
-            rows.append(_ready_row("onediffx", f"start → /readyz, {what}" + (f", {jobs} processes" if jobs > 1 else ""),
-                                   cold_s, code))
-            warm = _onediffx(cfg, work, "onediffx warm")
-            try:
-                warm_s = warm.wait_ready(timeout)
-                after_weights = _after_weights(warm.url)
-                log.info("serve: onediffx warm start ready in %.2f s (%s s after the weights)", warm_s, after_weights)
-                measured = _drive(cfg, "onediffx", warm.url)
-            finally:
-                code = warm.stop()
-            rows.append(_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code, after_weights))
-            rows += measured
-            if peer is not None:  # started beside the fill: its start fills its Inductor cache
-                peer_s = peer.wait_ready(timeout)
-                code, peer = peer.stop(), None
-                rows.append(_ready_row(_peer_label(cfg), "start → /readyz, beside onediffx's fill", peer_s, code))
+            warm_s = warm.wait_ready(timeout)
+            after_weights = _after_weights(warm.url)
+            log.info("serve: onediffx warm start ready in %.2f s (%s s after the weights)", warm_s, after_weights)
+            measured = _drive(cfg, "onediffx", warm.url)
         finally:
-            if peer is not None:
-                peer.stop()
-        if not cfg.bench.serve_peer or fill_only:
-            return rows
-        peer = _peer(cfg, work, files)
-        try:  # a peer that fails (a recompile storm, an OOM) must not lose onediffx's rows
-            peer_s = peer.wait_ready(timeout)
-            measured = _drive(cfg, peer.label, peer.url)
-        except Exception as err:  # noqa: BLE001
-            return rows + [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
-        finally:
-            code = peer.stop()
-        warm_cache = " (warm Inductor cache)" if cfg.bench.serve_peer_cache else ""
-        rows.append(_ready_row(peer.label, f"start → /readyz, cold{warm_cache}", peer_s, code))
+            code = warm.stop()
+        rows.append(_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code, after_weights))
         rows += measured
-    return rows
+        if peer is not None:  # started beside the fill: its start fills its Inductor cache
+            peer_s = peer.wait_ready(timeout)
+            code, peer = peer.stop(), None
+            rows.append(_ready_row(_peer_label(cfg), "start → /readyz, beside onediffx's fill", peer_s, code))
+    finally:
+        if peer is not None:
+            peer.stop()
+    if not cfg.bench.serve_peer or fill_only:
+        return rows
+    peer = _peer(cfg, work, files)
+    try:  # a peer that fails (a recompile storm, an OOM) must not lose onediffx's rows
+        peer_s = peer.wait_ready(timeout)
+        measured = _drive(cfg, peer.label, peer.url)
+    except Exception as err:  # noqa: BLE001
+        return rows + [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
+    finally:
+        code = peer.stop()
+    warm_cache = " (warm Inductor cache)" if cfg.bench.serve_peer_cache else ""
+    rows.append(_ready_row(peer.label, f"start → /readyz, cold{warm_cache}", peer_s, code))
+    return rows + measured

@@ -81,7 +81,7 @@ def _quantize(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
 def _serve(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     from ..bench.serve import run_serve_bench
 
-    return run_serve_bench(cfg)
+    return run_serve_bench(cfg, logs=out_dir / "serve-logs")
 
 
 RUNNERS: dict[str, Callable[[DictConfig, Path], list[dict[str, Any]]]] = {
