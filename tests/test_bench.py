@@ -52,3 +52,30 @@ def test_quantize_scenario_rows_carry_quality_against_the_unquantized_pipeline(t
     assert "same_dtype_reference" not in int8 and "psnr_vs_unquantized_same_dtype_db" not in off
     assert int8["speedup"] == pytest.approx(eager["e2e_s"] / int8["e2e_s"], rel=1e-2)
     assert int8["speedup_vs_recipe"] is None  # no recipe row asked for
+
+
+def test_the_serving_peer_fuses_each_lora_as_diffusers_applies_it_unfused(tmp_path):
+    """The peer fuses the requested LoRA (no adapter branches in its compiled UNet); switching back and
+    forth must give the images of diffusers' own unfused adapters (``set_adapters``), the oracle."""
+    import argparse
+    import io
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from onediffx.bench.peer_server import Peer, PeerRequest, build
+    from onediffx.bench.serve import _loras
+
+    files = _loras(OmegaConf.create({"model": {"builtin": "tiny_xl", "synthetic": False}}), tmp_path)
+    args = argparse.Namespace(arch="sdxl", builtin="tiny_xl", lora=[f"{n}={p}" for n, p in files.items()],
+                              compile=False, mode=None)
+    fused, unfused = (Peer(build(args), list(files), fuse=f) for f in (True, False))
+    for i, loras in enumerate([{"l1": 1.0}, {"l2": 1.0}, {"l1": 0.5, "l2": 1.0}, {"l1": 1.0}, {}]):
+        req = PeerRequest(prompt="a red fox", size="64x64", steps=2, seed=i, loras=loras)
+        got, want = (np.asarray(Image.open(io.BytesIO(p(req)[0])), dtype=np.int16) for p in (fused, unfused))
+        assert np.abs(got - want).max() <= 2, loras
+    first = PeerRequest(prompt="a red fox", size="64x64", steps=2, seed=0, loras={"l1": 1.0})
+    plain = PeerRequest(prompt="a red fox", size="64x64", steps=2, seed=0, loras={})
+    assert np.abs(np.asarray(Image.open(io.BytesIO(fused(first)[0])), dtype=np.int16)
+                  - np.asarray(Image.open(io.BytesIO(fused(plain)[0])), dtype=np.int16)).max() > 2  # the LoRA acts

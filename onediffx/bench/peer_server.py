@@ -3,10 +3,13 @@
     python -m onediffx.bench.peer_server --arch sdxl --port 8001 --lora l1=/path/l1.safetensors \
         --compile --warm '[{"size": "1024x1024", "loras": {"l1": 1.0}}]'
 
-One pipeline, the UNet ``torch.compile``d (channels-last, as in diffusers' torch.compile guide)
-after the LoRAs are loaded with ``load_lora_weights``; per request ``set_adapters`` picks the LoRA
-weights; one request at a time (a lock), the call in a thread so ``/readyz`` still answers. It
-speaks the same subset of the images API as ``onediffx serve``, so one client drives both.
+One pipeline, the UNet ``torch.compile``d (channels-last, static shapes: one graph per size, as in
+diffusers' torch.compile guide) after the LoRAs are loaded with ``load_lora_weights``; one request
+at a time (a lock), the call in a thread so ``/readyz`` still answers. LoRAs are fused (the best a
+plain diffusers server does: a request for other LoRA weights unfuses, ``set_adapters`` and
+``fuse_lora`` again, and the compiled UNet runs no adapter branches); ``--lora-mode adapters``
+keeps PEFT's unfused adapters and switches with ``set_adapters`` alone. It speaks the same subset
+of the images API as ``onediffx serve``, so one client drives both.
 """
 
 from __future__ import annotations
@@ -49,14 +52,28 @@ def build(args: argparse.Namespace) -> Any:
         pipe.load_lora_weights(path, adapter_name=name)
     if args.compile:
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.unet = torch.compile(pipe.unet, mode=args.mode, fullgraph=True)
+        pipe.unet = torch.compile(pipe.unet, mode=args.mode, fullgraph=True, dynamic=False)
     return pipe
 
 
 class Peer:
-    def __init__(self, pipe: Any, names: list[str]) -> None:
-        self.pipe, self.names = pipe, names
+    def __init__(self, pipe: Any, names: list[str], fuse: bool = True) -> None:
+        self.pipe, self.names, self.fuse = pipe, names, fuse
         self.current: Optional[tuple[float, ...]] = None
+
+    def _set_loras(self, weights: tuple[float, ...]) -> None:
+        if not self.fuse:
+            self.pipe.set_adapters(self.names, list(weights))
+            return
+        if self.current is not None:
+            self.pipe.unfuse_lora()
+        chosen = [(n, w) for n, w in zip(self.names, weights) if w != 0.0]
+        if not chosen:  # unfused adapters still active would run their branches
+            self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([n for n, _ in chosen], [w for _, w in chosen])
+        self.pipe.fuse_lora(adapter_names=[n for n, _ in chosen])
 
     def __call__(self, req: PeerRequest) -> list[bytes]:
         width, height = (int(v) for v in req.size.split("x"))
@@ -64,7 +81,7 @@ class Peer:
             weights = tuple(float((req.loras or {}).get(n, 0.0)) for n in self.names) if req.loras is not None \
                 else tuple(1.0 for _ in self.names)
             if weights != self.current:
-                self.pipe.set_adapters(self.names, list(weights))
+                self._set_loras(weights)
                 self.current = weights
         generators = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.n)]
         images = self.pipe(prompt=[req.prompt] * req.n, negative_prompt=[req.negative_prompt] * req.n
@@ -92,7 +109,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
 
     def load() -> None:
         pipe = build(args)
-        peer = Peer(pipe, [spec.split("=", 1)[0] for spec in args.lora])
+        peer = Peer(pipe, [spec.split("=", 1)[0] for spec in args.lora], fuse=args.lora_mode == "fuse")
         for warm in json.loads(args.warm or "[]"):  # compile every size and LoRA setting before ready
             peer(PeerRequest(prompt="warm-up", size=warm["size"], steps=2, loras=warm.get("loras")))
         state["peer"] = peer
@@ -125,6 +142,8 @@ def main() -> None:
     parser.add_argument("--lora", action="append", default=[], help="name=path.safetensors, repeatable")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    parser.add_argument("--lora-mode", choices=("fuse", "adapters"), default="fuse",
+                        help="fuse the requested LoRAs (default) or switch PEFT's unfused adapters")
     parser.add_argument("--warm", default=None, help='JSON list of {"size": "WxH", "loras": {...}} to run before ready')
     args = parser.parse_args()
     server = uvicorn.Server(uvicorn.Config(create_app(args), host="127.0.0.1", port=args.port, log_level="warning"))
