@@ -347,7 +347,12 @@ def test_a_hit_that_compiles_is_reported_as_a_miss_and_saved_anew(compiled, comp
     manifest = json.loads(next(cache_dir.rglob("manifest.json")).read_text())
     loaded = _cache(cache_dir, compiled["key_file"]).load("unet", manifest["key"])
     wrong = [[[[2, 4, 16, 16], "float32"]]]  # signed by the key's owner, but for a call that never comes
-    _cache(cache_dir, compiled["key_file"]).save("unet", manifest["key"], loaded.blobs, wrong, loaded.kernels)
+
+    def only_wrong() -> None:  # a save keeps other signatures' graphs: remove the entry first
+        shutil.rmtree(loaded.path)
+        _cache(cache_dir, compiled["key_file"]).save("unet", manifest["key"], loaded.blobs, wrong, loaded.kernels)
+
+    only_wrong()
     common = ["compile=inductor", "compile.components=[unet]", f"cache.dir={cache_dir}",
               f"cache.key_file={compiled['key_file']}", "steps=2", "height=64", "width=64"]
     asm = assemble(compose_run(*common))
@@ -366,7 +371,7 @@ def test_a_hit_that_compiles_is_reported_as_a_miss_and_saved_anew(compiled, comp
     assert again.report["load-graph"]["hit"] is True and "reason" not in again.report["load-graph"]
     assert compile_state(again.pipe).saveable["unet"].compiles == 0
     # With the warm-up kept on a hit (launches), the warm-up is the first call: save-graph tells.
-    _cache(cache_dir, compiled["key_file"]).save("unet", manifest["key"], loaded.blobs, wrong, loaded.kernels)
+    only_wrong()
     warmed = assemble(compose_run(*common, "warmup.on_cache_hit=run"))
     load, save = warmed.report["load-graph"], warmed.report["save-graph"]
     assert warmed.report["warmup"]["enabled"] is True

@@ -229,7 +229,8 @@ class GraphCache:
     def _kept(self, entry: Path, component: str, key: dict[str, Any], signatures: list[Any],
               kernels: list[tuple[str, bytes]], secret: bytes) -> tuple[list[bytes], list[Any], list[tuple[str, bytes]]]:
         """What of the entry being replaced this save keeps: its graphs for signatures the save does
-        not bring, and its kernels the save lacks. An old entry that fails a check keeps nothing."""
+        not bring and, when any are kept, the kernels the save lacks (those graphs may need them).
+        An old entry that fails a check keeps nothing."""
         if not entry.is_dir():
             return [], [], []
         try:
@@ -238,6 +239,8 @@ class GraphCache:
             return [], [], []
         mine = {canonical(s) for s in signatures}
         graphs = [(b, s) for b, s in zip(old.blobs, old.signatures) if canonical(s) not in mine]
+        if not graphs:
+            return [], [], []
         have = {target for target, _ in kernels}
         return [b for b, _ in graphs], [s for _, s in graphs], [k for k in old.kernels if k[0] not in have]
 
