@@ -3,8 +3,9 @@
     python -m onediffx.bench.peer_server --arch sdxl --port 8001 --lora l1=/path/l1.safetensors \
         --compile --warm '[{"size": "1024x1024", "loras": {"l1": 1.0}}]'
 
-One pipeline, the UNet ``torch.compile``d (channels-last, static shapes: one graph per size, as in
-diffusers' torch.compile guide) after the LoRAs are loaded with ``load_lora_weights``; one request
+One pipeline, the UNet ``torch.compile``d (channels-last as in diffusers' torch.compile guide;
+``dynamic=False``: one static graph per size, where the default recompiles the second size as a
+dynamic graph that then serves every size) after the LoRAs are loaded with ``load_lora_weights``; one request
 at a time (a lock), the call in a thread so ``/readyz`` still answers. LoRAs are fused (the best a
 plain diffusers server does: a request for other LoRA weights unfuses, ``set_adapters`` and
 ``fuse_lora`` again, and the compiled UNet runs no adapter branches); ``--lora-mode adapters``
