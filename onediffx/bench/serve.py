@@ -124,13 +124,28 @@ class _Process:
         return " | ".join(lines[-3:])
 
     def stop(self) -> Optional[int]:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        return self.proc.wait()
+        return _stop_all([self])[0]
+
+
+STOP_GRACE_S = 120
+"""How long stopped servers get to drain before SIGKILL (a server still compiling finishes the graph first)."""
+
+
+def _stop_all(processes: list[_Process]) -> list[Optional[int]]:
+    """SIGTERM to every server at once, then one shared grace period: stopped one by one, three
+    servers still compiling took up to three grace periods, past the GPU call's time limit."""
+    for p in processes:
+        if p.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # exited since the poll
+                os.killpg(p.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in processes:
+        try:
+            p.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.proc.pid, signal.SIGKILL)
+    return [p.proc.wait() for p in processes]
 
 
 def _env(inductor: Path) -> dict[str, str]:
@@ -367,7 +382,7 @@ def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
     try:
         seconds = max(server.wait_ready(cfg.bench.serve_ready_timeout) for server in servers)
     finally:
-        codes = [server.stop() for server in servers]
+        codes = _stop_all(servers)
     return seconds, next((c for c in codes if c), codes[0] if codes else None)
 
 
