@@ -446,7 +446,8 @@ def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_b
     assert "serve row: " in proc.stdout + proc.stderr  # each row is logged as measured
     kept = tmp_path / "out" / "serve-logs"  # the servers' own logs outlive the bench's temporary folder
     assert sorted(p.name for p in kept.iterdir()) == ["onediffx-cold.log", "onediffx-warm.log"]
-    assert "onediffx serve: ready in" in (kept / "onediffx-warm.log").read_text()
+    warm = (kept / "onediffx-warm.log").read_text()
+    assert "onediffx serve: ready in" in warm and "start-up: model tiny" in warm  # with the stage table
 
 
 @pytest.mark.slow

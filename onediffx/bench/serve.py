@@ -172,7 +172,8 @@ def _onediffx(cfg: DictConfig, work: Path, label: str, sizes: Optional[list[tupl
            f"cache.dir={cfg.bench.serve_cache or work / 'graphs'}", f"hydra.searchpath=[file://{work / 'conf'}]", "lora=[l1,l2]",
            f"warmup.shapes=[{shapes}]", "warmup.on_cache_hit=run", f"serve.port={port}",
            f"serve.max_batch={cfg.bench.serve_max_batch}", f"serve.batch_sizes=[{','.join(map(str, batch_sizes))}]",
-           "serve.queue_limit=1024", "serve.request_timeout_s=1800", f"device={cfg.device}"]
+           "serve.queue_limit=1024", "serve.request_timeout_s=1800", f"device={cfg.device}",
+           "startup_report=true"]  # the kept log says where the seconds to ready went
     return _Process(label, cmd, _env(work / "inductor-onediffx"), work / f"{label.replace(' ', '-')}.log", port)
 
 
