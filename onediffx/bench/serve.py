@@ -209,18 +209,19 @@ def _after_weights(url: str) -> Optional[float]:
     """Seconds from the model weights loaded to ready, by the server's own clock (``None`` for a
     server without those gauges: the peer). The issue's start target is counted from there: how
     long weights take to read depends on the disk, not on onediffx."""
-    with Client(url) as client:
-        response = client.http.get("/metrics")
-    times = _samples(response, {"onediffx_weights_loaded_time_seconds", "onediffx_ready_time_seconds"})
+    times = _scrape(url, {"onediffx_weights_loaded_time_seconds", "onediffx_ready_time_seconds"})
     if len(times) < 2 or not all(times.values()):
         return None
     return round(times["onediffx_ready_time_seconds"] - times["onediffx_weights_loaded_time_seconds"], 2)
 
 
-def _metric_sums(url: str) -> dict[str, float]:
+def _scrape(url: str, wanted: set[str]) -> dict[str, float]:
     with Client(url) as client:
-        response = client.http.get("/metrics")
-    return _samples(response, {"onediffx_batch_size_sum", "onediffx_batch_size_count", "onediffx_lora_switches_total"})
+        return _samples(client.http.get("/metrics"), wanted)
+
+
+def _metric_sums(url: str) -> dict[str, float]:
+    return _scrape(url, {"onediffx_batch_size_sum", "onediffx_batch_size_count", "onediffx_lora_switches_total"})
 
 
 def _stats(latencies: list[float], images: int, wall: float, errors: int) -> dict[str, Any]:
@@ -373,10 +374,14 @@ def run_serve_bench(cfg: DictConfig, logs: Optional[Path] = None) -> list[dict[s
                     shutil.copy2(server_log, logs / server_log.name)
 
 
+def _fill_jobs(cfg: DictConfig) -> int:
+    return max(1, min(cfg.bench.serve_fill_jobs, len(_sizes(cfg))))
+
+
 def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
     """onediffx's first start: ``serve_fill_jobs`` processes, each warming its share of the sizes."""
     sizes = _sizes(cfg)
-    jobs = max(1, min(cfg.bench.serve_fill_jobs, len(sizes)))
+    jobs = _fill_jobs(cfg)
     servers = [_onediffx(cfg, work, f"onediffx cold {i}" if jobs > 1 else "onediffx cold", sizes[i::jobs])
                for i in range(jobs)]
     codes: list[Optional[int]] = []
@@ -397,7 +402,7 @@ def _serve_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
         cold_s, code = _cold_start(cfg, work)
         what = "first start" if cfg.compile.backend == "none" else \
             "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
-        jobs = max(1, min(cfg.bench.serve_fill_jobs, len(_sizes(cfg))))
+        jobs = _fill_jobs(cfg)
         rows.append(_ready_row("onediffx", f"start → /readyz, {what}" + (f", {jobs} processes" if jobs > 1 else ""),
                                cold_s, code))
         warm = _onediffx(cfg, work, "onediffx warm")
