@@ -136,6 +136,8 @@ def test_restart_loads_graphs_and_compiles_nothing(compiled, tmp_path):
     metrics = json.loads((job / "metrics.json").read_text())
     stages = metrics["stages"]
     assert stages["load-graph"]["hit"] is True and stages["load-graph"]["components"]["unet"]["graphs"] == 2
+    unet = stages["load-graph"]["components"]["unet"]  # where the restart's seconds went, per component
+    assert unet["read_s"] >= 0 and unet["load_s"] > 0 and unet["read_s"] + unet["load_s"] <= stages["load-graph"]["seconds"]
     assert stages["save-graph"]["saved"] is False
     assert stages["warmup"]["enabled"] is False  # warmup.on_cache_hit=skip: nothing left to compile
     assert metrics["compile_counters"]["graphs_compiled"] == 0 and metrics["compile_counters"]["dynamo_graphs"] == 0

@@ -39,6 +39,8 @@ def test_tiny_launch_runs_and_reports_its_startup(tmp_path):
     metrics = json.loads((job / "metrics.json").read_text())
     stages = metrics["stages"]
     assert stages["warmup"]["shapes"] == [[64, 64, 1]]  # the launch's shapes were prepared
+    (call,) = stages["warmup"]["call_seconds"]  # each warm-up call's own time, inside the stage's
+    assert 0 < call <= stages["warmup"]["seconds"]
     assert metrics["startup"] == {"seconds": pytest.approx(sum(f.get("seconds", 0) for f in stages.values())),
                                   "compile": "off", "graph_cache": "off"}
     out = proc.stdout

@@ -163,7 +163,7 @@ class LoadGraphStage(Stage):
         asm.note(self.name, hit=hit, stale=stale, dir=str(asm.cfg.cache.dir),
                  **({} if hit else {"reason": ", ".join(reasons) or "absent"}),
                  components={k: {"hit": v["hit"], "graphs": v.get("graphs", 0), "reason": v.get("reason"),
-                                 **{f: v[f] for f in ("kernels_restored", "kernels_built") if f in v}}
+                                 **{f: v[f] for f in ("kernels_restored", "kernels_built", "read_s", "load_s") if f in v}}
                              for k, v in found.items()})
         if "save-graph" in asm.cfg.stages:
             asm.add_after_call(SaveAsCompiled(asm).after_call)
