@@ -50,6 +50,8 @@ def test_quantize_scenario_rows_carry_quality_against_the_unquantized_pipeline(t
     # int8 keeps the dtype: the same-dtype reference is the unquantized image itself, up to compile/eager
     assert int8["psnr_vs_unquantized_same_dtype_db"] == pytest.approx(int8["psnr_vs_unquantized_db"], abs=1.0)
     assert "same_dtype_reference" not in int8 and "psnr_vs_unquantized_same_dtype_db" not in off
+    logged = [line for line in proc.stdout.splitlines() if line.startswith("bench quantize row:")]
+    assert len(logged) == 3 and not [line for line in logged if "same_dtype_reference" in line]  # no arrays logged
     assert int8["speedup"] == pytest.approx(eager["e2e_s"] / int8["e2e_s"], rel=1e-2)
     assert int8["speedup_vs_recipe"] is None  # no recipe row asked for
 

@@ -411,10 +411,11 @@ def test_ray_engine_serves_the_same_requests(root, conf):
 
 
 def test_serve_bench_scenario_runs_both_servers(tmp_path):
-    """``bench.scenarios=[serve]`` on the tiny model: the machinery (both servers, every load level), not speed."""
+    """``bench.scenarios=[serve]`` on the tiny model: the machinery (both servers, every load level), not speed.
+    The peer starts beside onediffx (``serve_peer_early``) and is driven after onediffx's rows."""
     proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[serve]",
                    "bench.serve_concurrency=[1,4]", "bench.serve_requests=8", "steps=2", "hydra.run.dir=out",
-                   cwd=tmp_path)
+                   "bench.serve_peer_early=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert not [r for r in rows if "error" in r], rows
@@ -422,7 +423,7 @@ def test_serve_bench_scenario_runs_both_servers(tmp_path):
     peer = "diffusers eager (1 at a time)"
     assert loads == [("onediffx", "start → /readyz, first start"), ("onediffx", "start → /readyz, warm graph cache"),
                      ("onediffx", "closed, 1 clients"), ("onediffx", "closed, 4 clients"),
-                     ("onediffx", "open (Poisson), 80% of best"), (peer, "start → /readyz, cold"),
+                     ("onediffx", "open (Poisson), 80% of best"), (peer, "start → /readyz, started beside onediffx's runs"),
                      (peer, "closed, 1 clients"), (peer, "closed, 4 clients"), (peer, "open (Poisson), 80% of best")]
     measured = [r for r in rows if "requests" in r]
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["p99_s"] >= r["p50_s"] > 0 for r in measured)

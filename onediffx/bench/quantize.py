@@ -113,7 +113,8 @@ def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig,
 def _say(rows: list[dict[str, Any]]) -> None:
     """Each row as it is measured, so a run cut short by a time limit still shows what it had."""
     for row in rows:
-        print("bench quantize row:", json.dumps({k: v for k, v in row.items() if k != "image"}, default=str), flush=True)
+        shown = {k: v for k, v in row.items() if k not in ("image", "same_dtype_reference")}  # arrays, kept for scoring
+        print("bench quantize row:", json.dumps(shown, default=str), flush=True)
 
 
 def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assembly]) -> list[dict[str, Any]]:

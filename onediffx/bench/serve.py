@@ -393,45 +393,51 @@ def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
 
 
 def _serve_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
-    timeout = cfg.bench.serve_ready_timeout
     fill_only = not cfg.bench.serve_concurrency
-    rows: list[dict[str, Any]] = []
     files = _loras(cfg, work)
-    peer = _peer(cfg, work, files) if fill_only and cfg.bench.serve_peer else None
+    early = cfg.bench.serve_peer and (fill_only or cfg.bench.serve_peer_early)
+    peer = _peer(cfg, work, files) if early else None  # its compile overlaps onediffx's starts and loads
     try:
-        cold_s, code = _cold_start(cfg, work)
-        what = "first start" if cfg.compile.backend == "none" else \
-            "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
-        jobs = _fill_jobs(cfg)
-        rows.append(_ready_row("onediffx", f"start → /readyz, {what}" + (f", {jobs} processes" if jobs > 1 else ""),
-                               cold_s, code))
-        warm = _onediffx(cfg, work, "onediffx warm")
-        try:
-            warm_s = warm.wait_ready(timeout)
-            after_weights = _after_weights(warm.url)
-            log.info("serve: onediffx warm start ready in %.2f s (%s s after the weights)", warm_s, after_weights)
-            measured = _drive(cfg, "onediffx", warm.url)
-        finally:
-            code = warm.stop()
-        rows.append(_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code, after_weights))
-        rows += measured
-        if peer is not None:  # started beside the fill: its start fills its Inductor cache
-            peer_s = peer.wait_ready(timeout)
-            code, peer = peer.stop(), None
-            rows.append(_ready_row(_peer_label(cfg), "start → /readyz, beside onediffx's fill", peer_s, code))
-    finally:
+        rows = _onediffx_rows(cfg, work)
+    except BaseException:
         if peer is not None:
             peer.stop()
-    if not cfg.bench.serve_peer or fill_only:
+        raise
+    if not cfg.bench.serve_peer:
         return rows
-    peer = _peer(cfg, work, files)
-    try:  # a peer that fails (a recompile storm, an OOM) must not lose onediffx's rows
-        peer_s = peer.wait_ready(timeout)
-        measured = _drive(cfg, peer.label, peer.url)
+    what = "beside onediffx's fill" if fill_only else "started beside onediffx's runs" if early else \
+        "cold" + (" (warm Inductor cache)" if cfg.bench.serve_peer_cache else "")
+    return rows + _peer_rows(cfg, peer or _peer(cfg, work, files), f"start → /readyz, {what}", measure=not fill_only)
+
+
+def _onediffx_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
+    """onediffx's first start (the fill), its warm start, then the load levels on the warm server."""
+    cold_s, code = _cold_start(cfg, work)
+    what = "first start" if cfg.compile.backend == "none" else \
+        "cold (compile + save graphs)" if not cfg.bench.serve_cache else f"first start on {cfg.bench.serve_cache}"
+    jobs = _fill_jobs(cfg)
+    rows = [_ready_row("onediffx", f"start → /readyz, {what}" + (f", {jobs} processes" if jobs > 1 else ""), cold_s, code)]
+    warm = _onediffx(cfg, work, "onediffx warm")
+    try:
+        warm_s = warm.wait_ready(cfg.bench.serve_ready_timeout)
+        after_weights = _after_weights(warm.url)
+        log.info("serve: onediffx warm start ready in %.2f s (%s s after the weights)", warm_s, after_weights)
+        measured = _drive(cfg, "onediffx", warm.url)  # none in a fill-only run
+    finally:
+        code = warm.stop()
+    return rows + [_ready_row("onediffx", "start → /readyz, warm graph cache", warm_s, code, after_weights)] + measured
+
+
+def _peer_rows(cfg: DictConfig, peer: _Process, what: str, measure: bool) -> list[dict[str, Any]]:
+    """The peer's start and (``measure``) its load levels; a peer that fails (a recompile storm, an
+    OOM) is one error row, never the loss of onediffx's rows."""
+    measured: list[dict[str, Any]] = []
+    try:
+        peer_s = peer.wait_ready(cfg.bench.serve_ready_timeout)
+        if measure:
+            measured = _drive(cfg, peer.label, peer.url)
     except Exception as err:  # noqa: BLE001
-        return rows + [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
+        return [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
     finally:
         code = peer.stop()
-    warm_cache = " (warm Inductor cache)" if cfg.bench.serve_peer_cache else ""
-    rows.append(_ready_row(peer.label, f"start → /readyz, cold{warm_cache}", peer_s, code))
-    return rows + measured
+    return [_ready_row(peer.label, what, peer_s, code)] + measured

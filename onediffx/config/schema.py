@@ -248,6 +248,11 @@ class BenchOptions:
     times the warm start: a first short call on a machine that cannot hold one long run. With
     ``serve_concurrency=[]`` and the peer on, the peer starts beside that fill, to fill its own
     Inductor cache (``serve_peer_cache``)."""
+    serve_peer_early: bool = False
+    """``serve`` scenario: start the peer with onediffx's first start instead of after onediffx's rows,
+    so its compile (minutes for SDXL from a cold Inductor cache) overlaps onediffx's starts and load
+    levels and both fit one ten-minute GPU call. onediffx is then measured beside a compiling process:
+    a conservative figure for onediffx. The peer's load levels still run alone, after onediffx's."""
     serve_peer_cache: Optional[str] = None
     """``serve`` scenario: the peer's ``TORCHINDUCTOR_CACHE_DIR``, kept between runs; unset, a fresh
     folder (the peer's start compiles everything)."""
