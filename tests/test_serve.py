@@ -428,6 +428,8 @@ def test_serve_bench_scenario_runs_both_servers(tmp_path):
     measured = [r for r in rows if "requests" in r]
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["p99_s"] >= r["p50_s"] > 0 for r in measured)
     assert all(r["exit_code"] == 0 and r["ready_s"] > 0 for r in rows if "ready_s" in r)
+    # started early, the peer's start is timed from onediffx's first start: it spans both of onediffx's starts
+    assert rows[5]["ready_s"] > rows[0]["ready_s"] + rows[1]["ready_s"]
     assert all(r["mean_batch"] >= 1 for r in measured if r["server"] == "onediffx")
     opened = {r["server"]: r for r in measured if r["load"].startswith("open")}
     assert opened["onediffx"]["max_queue_depth"] is not None and opened[peer]["max_queue_depth"] is None
