@@ -437,6 +437,24 @@ def test_serve_bench_scenario_runs_both_servers(tmp_path):
     assert opened["onediffx"]["p99_over_single"] == pytest.approx(opened["onediffx"]["p99_s"] / single, abs=0.01)
 
 
+def test_serve_bench_can_drive_the_peer_alone(tmp_path):
+    """``bench.serve_onediffx=false``: the peer's start and load levels in a GPU call of their own; with no
+    server left to drive, the run stops in one line before anything starts."""
+    common = ("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[serve]",
+              "bench.serve_onediffx=false", "steps=2")
+    proc = run_cli(*common, "bench.serve_concurrency=[2]", "bench.serve_requests=4", "bench.serve_open_fractions=[]",
+                   "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    peer = "diffusers eager (1 at a time)"
+    assert [(r["server"], r["load"]) for r in rows] == [(peer, "start → /readyz, cold, alone"), (peer, "closed, 2 clients")]
+    assert rows[0]["exit_code"] == 0 and rows[1]["errors"] == 0 and rows[1]["images_per_s"] > 0
+    assert sorted(p.name for p in (tmp_path / "out" / "serve-logs").iterdir()) == ["peer.log"]
+    refused = run_cli(*common, "bench.serve_peer=false", "hydra.run.dir=none", cwd=tmp_path)
+    assert refused.returncode == 2 and "bench.serve_onediffx=false needs bench.serve_peer=true" in refused.stderr + refused.stdout
+    assert not (tmp_path / "none" / "bench.json").exists()
+
+
 def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_both_starts(tmp_path):
     """The first of two short GPU calls: the bench's own server arguments fill ``bench.serve_cache``."""
     proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[serve]",

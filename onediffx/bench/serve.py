@@ -395,6 +395,9 @@ def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
 def _serve_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
     fill_only = not cfg.bench.serve_concurrency
     files = _loras(cfg, work)
+    if not cfg.bench.serve_onediffx:
+        what = "cold" + (" (warm Inductor cache)" if cfg.bench.serve_peer_cache else "") + ", alone"
+        return _peer_rows(cfg, _peer(cfg, work, files), f"start → /readyz, {what}", measure=not fill_only)
     early = cfg.bench.serve_peer and (fill_only or cfg.bench.serve_peer_early)
     peer = _peer(cfg, work, files) if early else None  # its compile overlaps onediffx's starts and loads
     try:

@@ -97,6 +97,8 @@ def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for i, name in enumerate(cfg.bench.scenarios):
         if name not in RUNNERS:
             raise ConfigError(f"bench.scenarios[{i}]: unknown scenario {name!r}; known: {', '.join(RUNNERS)}")
+    if "serve" in cfg.bench.scenarios and not (cfg.bench.serve_onediffx or cfg.bench.serve_peer):
+        raise ConfigError("bench.serve_onediffx=false needs bench.serve_peer=true: the serve scenario would drive no server")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     device = resolve_device(cfg.device)

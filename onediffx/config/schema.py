@@ -248,6 +248,10 @@ class BenchOptions:
     times the warm start: a first short call on a machine that cannot hold one long run. With
     ``serve_concurrency=[]`` and the peer on, the peer starts beside that fill, to fill its own
     Inductor cache (``serve_peer_cache``)."""
+    serve_onediffx: bool = True
+    """``serve`` scenario: ``false`` drives only the peer (cold, or from ``serve_peer_cache``). On the
+    H200 a cold SDXL peer compiled for more than 9 minutes beside onediffx's runs, so it could not share
+    a ten-minute GPU call with them; its rows then come from a call of its own on the same card kind."""
     serve_peer_early: bool = False
     """``serve`` scenario: start the peer with onediffx's first start instead of after onediffx's rows,
     so its compile (minutes for SDXL from a cold Inductor cache) overlaps onediffx's starts and load

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The H200 calls of the ninth and tenth sessions, one per argument, each inside one 10-minute call.
+# The H200 calls of the ninth to eleventh sessions (gpu_session9.sh and gpu_session10.sh before), one per
+# argument, each inside one 10-minute call.
 # `serve` after `fill` finds outputs/ (both caches) only if the machine was still warm (30 s idle);
 # otherwise it unpacks the onediffx graphs carried in outputs/carry and the peer starts cold. In the
 # tenth session the machine went cold in between and the cold peer did not fit after onediffx's rows, so
@@ -13,14 +14,19 @@
 #             open loop at 80% of the best throughput; then the peer (started at the beginning).
 # The ninth session ran fill with `timeout 545` (too close to the call's 600 s: the bench had no time
 # to stop its servers and pack), 16 requests a level and open loop at 80% and 50% as well.
+# Arguments after the first are extra overrides for `serve` (the eleventh session: 'bench.serve_concurrency=[1,16]').
 #   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure).
+#   quantize-memory: off and fp8 without the recipe, twice on one graph cache: the first run compiles in
+#             process, the second loads the graphs. fp8 peaked at 9.53 GiB compiled in process (tenth
+#             session) and at 6.38 GiB loaded from the cache (seventh); this says which it is.
 set -u
 cd "$(dirname "$0")/.."
 export ONEDIFFX_CACHE_KEY=$PWD/outputs/graphs.key PYTHONUNBUFFERED=1
 G=$PWD/outputs/graphs P=$PWD/outputs/peer-inductor
 SERVE=(model=sdxl model.synthetic=true compile=inductor 'bench.scenarios=[serve]' bench.serve_max_batch=2
-       bench.serve_requests=24 bench.serve_peer_early=true "bench.serve_cache=$G" "cache.dir=$G" "bench.serve_peer_cache=$P")
+       bench.serve_peer_early=true "bench.serve_cache=$G" "cache.dir=$G" "bench.serve_peer_cache=$P")
 mkdir -p outputs
+[[ " $* " == *" bench.serve_requests="* ]] || SERVE+=(bench.serve_requests=24)
 case "${1:-}" in
   fill)
     timeout 480 python3 -m onediffx bench "${SERVE[@]}" 'bench.serve_concurrency=[]' bench.serve_fill_jobs=2 \
@@ -32,7 +38,7 @@ case "${1:-}" in
   serve)
     if [ ! -d "$G" ]; then cat outputs/carry/graphs.tgz.* | tar xzf - -C outputs || exit 1; echo "unpacked the carried graphs"; fi
     du -sh "$G" "$P"
-    timeout 560 python3 -m onediffx bench "${SERVE[@]}" \
+    timeout 560 python3 -m onediffx bench "${SERVE[@]}" "${@:2}" \
       hydra.run.dir="$OUT/serve" > "$OUT/serve.log" 2>&1
     echo "serve rc=$?"; tar czf "$OUT/serve-logs.tgz" -C "$OUT/serve" serve-logs && rm -rf "$OUT/serve/serve-logs"
     grep "serve row" "$OUT/serve.log" | cut -c1-420 ;;
@@ -40,5 +46,16 @@ case "${1:-}" in
     timeout 580 python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
       'bench.quantize_modes=[fp8]' hydra.run.dir="$OUT/quantize" > "$OUT/quantize.log" 2>&1
     echo "quantize rc=$?"; tail -25 "$OUT/quantize.log" | cut -c1-300 ;;
-  *) echo "usage: $0 fill|serve|quantize" >&2; exit 2 ;;
+  quantize-memory)
+    for run in 1 2; do limit=$((run == 1 ? 380 : 170))
+      timeout $limit python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
+        'bench.quantize_modes=[fp8]' bench.recipe_peer=false "cache.dir=$PWD/outputs/qgraphs" \
+        hydra.run.dir="$OUT/qmem$run" > "$OUT/qmem$run.log" 2>&1
+      echo "quantize-memory run $run rc=$?"
+      grep "bench quantize row" "$OUT/qmem$run.log" | python3 -c 'import sys, json
+for line in sys.stdin:
+    r = json.loads(line.split("row: ", 1)[1])
+    print(r.get("method"), {k: r.get(k) for k in ("e2e_s", "peak_gib", "cache_hit", "graphs_compiled", "weight_mib", "error")})'
+    done ;;
+  *) echo "usage: $0 fill|serve|quantize|quantize-memory" >&2; exit 2 ;;
 esac
