@@ -14,6 +14,8 @@
 #             open loop at 80% of the best throughput; then the peer (started at the beginning).
 # The ninth session ran fill with `timeout 545` (too close to the call's 600 s: the bench had no time
 # to stop its servers and pack), 16 requests a level and open loop at 80% and 50% as well.
+# The twelfth session: the bench logs each server's ready time as soon as it is ready and the peer logs one
+# line a call, so a call cut short still says how far the peer got; serve packs the peer's Inductor cache.
 # Arguments after the first are extra overrides for `serve` (the eleventh session: 'bench.serve_concurrency=[1,16]').
 #   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure).
 #   quantize-memory: off and fp8 without the recipe, twice on one graph cache: the first run compiles in
@@ -41,7 +43,8 @@ case "${1:-}" in
     timeout 560 python3 -m onediffx bench "${SERVE[@]}" "${@:2}" \
       hydra.run.dir="$OUT/serve" > "$OUT/serve.log" 2>&1
     echo "serve rc=$?"; tar czf "$OUT/serve-logs.tgz" -C "$OUT/serve" serve-logs && rm -rf "$OUT/serve/serve-logs"
-    grep "serve row" "$OUT/serve.log" | cut -c1-420 ;;
+    tar czf - -C outputs peer-inductor | split -b 15m - "$OUT/peer-inductor.tgz."  # the peer's warm cache, to carry
+    grep "serve row\|ready in" "$OUT/serve.log" | cut -c1-420 ;;
   quantize)
     timeout 580 python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
       'bench.quantize_modes=[fp8]' hydra.run.dir="$OUT/quantize" > "$OUT/quantize.log" 2>&1

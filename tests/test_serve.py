@@ -450,6 +450,10 @@ def test_serve_bench_can_drive_the_peer_alone(tmp_path):
     assert [(r["server"], r["load"]) for r in rows] == [(peer, "start → /readyz, cold, alone"), (peer, "closed, 2 clients")]
     assert rows[0]["exit_code"] == 0 and rows[1]["errors"] == 0 and rows[1]["images_per_s"] > 0
     assert sorted(p.name for p in (tmp_path / "out" / "serve-logs").iterdir()) == ["peer.log"]
+    # a call cut short still says how far the peer got: one line a call (4 warm-ups, 4 requests), and ready
+    peer_log = (tmp_path / "out" / "serve-logs" / "peer.log").read_text()
+    assert "peer: ready" in peer_log and peer_log.count(": switch ") == 8
+    assert f"{peer} ready in" in proc.stdout + proc.stderr
     refused = run_cli(*common, "bench.serve_peer=false", "hydra.run.dir=none", cwd=tmp_path)
     assert refused.returncode == 2 and "bench.serve_onediffx=false needs bench.serve_peer=true" in refused.stderr + refused.stdout
     assert not (tmp_path / "none" / "bench.json").exists()

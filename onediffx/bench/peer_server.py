@@ -78,16 +78,21 @@ class Peer:
 
     def __call__(self, req: PeerRequest) -> list[bytes]:
         width, height = (int(v) for v in req.size.split("x"))
+        start = time.perf_counter()
         if self.names:
             weights = tuple(float((req.loras or {}).get(n, 0.0)) for n in self.names) if req.loras is not None \
                 else tuple(1.0 for _ in self.names)
             if weights != self.current:
                 self._set_loras(weights)
                 self.current = weights
+        switched = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.n)]
         images = self.pipe(prompt=[req.prompt] * req.n, negative_prompt=[req.negative_prompt] * req.n
                            if req.negative_prompt else None, height=height, width=width,
                            num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators).images
+        # one line a call: where a GPU call's time went when its load levels are cut short
+        print(f"peer: {req.size} x{req.n}, {req.steps} steps, loras {req.loras}: switch {switched - start:.2f} s, "
+              f"call {time.perf_counter() - switched:.2f} s", flush=True)
         out = []
         for image in images:
             buf = io.BytesIO()
@@ -109,10 +114,13 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     app = FastAPI(title="diffusers peer", lifespan=lifespan)
 
     def load() -> None:
+        started = time.perf_counter()
         pipe = build(args)
         peer = Peer(pipe, [spec.split("=", 1)[0] for spec in args.lora], fuse=args.lora_mode == "fuse")
         for warm in json.loads(args.warm or "[]"):  # compile every size and LoRA setting before ready
+            print(f"peer: warm-up {warm} ({time.perf_counter() - started:.1f} s since start)", flush=True)
             peer(PeerRequest(prompt="warm-up", size=warm["size"], steps=2, loras=warm.get("loras")))
+        print(f"peer: ready ({time.perf_counter() - started:.1f} s since start)", flush=True)
         state["peer"] = peer
 
     @app.get("/readyz")

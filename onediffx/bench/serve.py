@@ -434,13 +434,16 @@ def _onediffx_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
 def _peer_rows(cfg: DictConfig, peer: _Process, what: str, measure: bool) -> list[dict[str, Any]]:
     """The peer's start and (``measure``) its load levels; a peer that fails (a recompile storm, an
     OOM) is one error row, never the loss of onediffx's rows."""
-    measured: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     try:
         peer_s = peer.wait_ready(cfg.bench.serve_ready_timeout)
+        # logged now, not after the load levels: in the eleventh session a call cut short during the
+        # peer's load levels kept no trace of whether it had ever been ready
+        log.info("serve: %s ready in %.2f s (%s)", peer.label, peer_s, what)
         if measure:
-            measured = _drive(cfg, peer.label, peer.url)
+            rows = _drive(cfg, peer.label, peer.url)
     except Exception as err:  # noqa: BLE001
         return [{"scenario": "serve", "server": peer.label, "error": f"{type(err).__name__}: {err}"[:300]}]
     finally:
         code = peer.stop()
-    return [_ready_row(peer.label, what, peer_s, code)] + measured
+    return [_ready_row(peer.label, what, peer_s, code)] + rows
