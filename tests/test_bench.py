@@ -56,9 +56,12 @@ def test_quantize_scenario_rows_carry_quality_against_the_unquantized_pipeline(t
     assert int8["speedup_vs_recipe"] is None  # no recipe row asked for
 
 
-def test_the_serving_peer_fuses_each_lora_as_diffusers_applies_it_unfused(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_serving_peer_fuses_each_lora_as_diffusers_applies_it_unfused(tmp_path, compiled):
     """The peer fuses the requested LoRA (no adapter branches in its compiled UNet); switching back and
-    forth must give the images of diffusers' own unfused adapters (``set_adapters``), the oracle."""
+    forth must give the images of diffusers' own unfused adapters (``set_adapters``), the oracle. Compiled
+    too: ``pipe.unet = torch.compile(pipe.unet)`` hid the UNet from diffusers' ``fuse_lora`` and
+    ``set_adapters`` (they skip what is not a ``ModelMixin``), so the H200 peer served one LoRA, unfused."""
     import argparse
     import io
 
@@ -72,7 +75,8 @@ def test_the_serving_peer_fuses_each_lora_as_diffusers_applies_it_unfused(tmp_pa
     files = _loras(OmegaConf.create({"model": {"builtin": "tiny_xl", "synthetic": False}}), tmp_path)
     args = argparse.Namespace(arch="sdxl", builtin="tiny_xl", lora=[f"{n}={p}" for n, p in files.items()],
                               compile=False, mode=None)
-    fused, unfused = (Peer(build(args), list(files), fuse=f) for f in (True, False))
+    unfused = Peer(build(args), list(files), fuse=False)
+    fused = Peer(build(argparse.Namespace(**{**vars(args), "compile": compiled})), list(files), fuse=True)
     for i, loras in enumerate([{"l1": 1.0}, {"l2": 1.0}, {"l1": 0.5, "l2": 1.0}, {"l1": 1.0}, {}]):
         req = PeerRequest(prompt="a red fox", size="64x64", steps=2, seed=i, loras=loras)
         got, want = (np.asarray(Image.open(io.BytesIO(p(req)[0])), dtype=np.int16) for p in (fused, unfused))

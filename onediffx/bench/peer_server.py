@@ -3,7 +3,7 @@
     python -m onediffx.bench.peer_server --arch sdxl --port 8001 --lora l1=/path/l1.safetensors \
         --compile --warm '[{"size": "1024x1024", "loras": {"l1": 1.0}}]'
 
-One pipeline, the UNet ``torch.compile``d (channels-last as in diffusers' torch.compile guide;
+One pipeline, the UNet ``torch.compile``d in place (channels-last as in diffusers' torch.compile guide;
 ``dynamic=False``: one static graph per size, where the default recompiles the second size as a
 dynamic graph that then serves every size) after the LoRAs are loaded with ``load_lora_weights``; one request
 at a time (a lock), the call in a thread so ``/readyz`` still answers. LoRAs are fused (the best a
@@ -53,7 +53,10 @@ def build(args: argparse.Namespace) -> Any:
         pipe.load_lora_weights(path, adapter_name=name)
     if args.compile:
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.unet = torch.compile(pipe.unet, mode=args.mode, fullgraph=True, dynamic=False)
+        # in place (``nn.Module.compile``): ``pipe.unet = torch.compile(pipe.unet)`` swaps in an
+        # ``OptimizedModule``, which diffusers' ``fuse_lora``, ``unfuse_lora`` and ``set_adapters`` skip
+        # (not a ``ModelMixin``): the UNet kept its unfused adapters and ignored every switch
+        pipe.unet.compile(mode=args.mode, fullgraph=True, dynamic=False)
     return pipe
 
 
