@@ -61,7 +61,7 @@ def test_the_serving_peer_fuses_each_lora_as_diffusers_applies_it_unfused(tmp_pa
     """The peer fuses the requested LoRA (no adapter branches in its compiled UNet); switching back and
     forth must give the images of diffusers' own unfused adapters (``set_adapters``), the oracle. Compiled
     too: ``pipe.unet = torch.compile(pipe.unet)`` hid the UNet from diffusers' ``fuse_lora`` and
-    ``set_adapters`` (they skip what is not a ``ModelMixin``), so the H200 peer served one LoRA, unfused."""
+    ``set_adapters`` (they skip what is not a ``ModelMixin``), so the H200 peer's UNet kept its unfused adapters."""
     import argparse
     import io
 

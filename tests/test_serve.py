@@ -437,6 +437,34 @@ def test_serve_bench_scenario_runs_both_servers(tmp_path):
     assert opened["onediffx"]["p99_over_single"] == pytest.approx(opened["onediffx"]["p99_s"] / single, abs=0.01)
 
 
+def test_the_peer_row_names_its_compile_mode():
+    """A stronger peer (``reduce-overhead``: CUDA graphs) is a different row, never mixed with the default one."""
+    from omegaconf import OmegaConf
+
+    from onediffx.bench.serve import _peer_label
+
+    def label(mode, backend="inductor"):
+        return _peer_label(OmegaConf.create({"bench": {"peer_compile": True, "serve_peer_mode": mode},
+                                             "compile": {"backend": backend}}))
+
+    assert label(None) == "diffusers + torch.compile (1 at a time)"
+    assert label("reduce-overhead") == "diffusers + torch.compile mode=reduce-overhead (1 at a time)"
+    assert label("reduce-overhead", backend="none") == "diffusers eager (1 at a time)"
+
+
+def test_the_peer_start_is_warm_only_from_a_filled_inductor_cache(tmp_path):
+    from omegaconf import OmegaConf
+
+    from onediffx.bench.serve import _peer_start
+
+    def start(folder):
+        return _peer_start(OmegaConf.create({"bench": {"serve_peer_cache": folder}}))
+
+    assert start(None) == start(str(tmp_path / "missing")) == start(str(tmp_path)) == "cold"
+    (tmp_path / "fxgraph").mkdir()
+    assert start(str(tmp_path)) == "warm Inductor cache"
+
+
 def test_serve_bench_can_drive_the_peer_alone(tmp_path):
     """``bench.serve_onediffx=false``: the peer's start and load levels in a GPU call of their own; with no
     server left to drive, the run stops in one line before anything starts."""
@@ -457,6 +485,8 @@ def test_serve_bench_can_drive_the_peer_alone(tmp_path):
     refused = run_cli(*common, "bench.serve_peer=false", "hydra.run.dir=none", cwd=tmp_path)
     assert refused.returncode == 2 and "bench.serve_onediffx=false needs bench.serve_peer=true" in refused.stderr + refused.stdout
     assert not (tmp_path / "none" / "bench.json").exists()
+    refused = run_cli(*common, "bench.serve_peer_mode=fastest", "hydra.run.dir=none", cwd=tmp_path)
+    assert refused.returncode == 2 and "bench.serve_peer_mode: unknown torch.compile mode 'fastest'" in refused.stderr + refused.stdout
 
 
 def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_both_starts(tmp_path):

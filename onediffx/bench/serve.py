@@ -186,13 +186,15 @@ def _peer(cfg: DictConfig, work: Path, files: dict[str, Path]) -> _Process:
     cmd += [arg for name, path in files.items() for arg in ("--lora", f"{name}={path}")]
     if "torch.compile" in _peer_label(cfg):
         cmd.append("--compile")
+        cmd += ["--mode", cfg.bench.serve_peer_mode] if cfg.bench.serve_peer_mode else []
     inductor = Path(cfg.bench.serve_peer_cache).expanduser().resolve() if cfg.bench.serve_peer_cache else work / "inductor-peer"
     return _Process(_peer_label(cfg), cmd, _env(inductor), work / "peer.log", port)
 
 
 def _peer_label(cfg: DictConfig) -> str:
     compiled = cfg.bench.peer_compile and cfg.compile.backend != "none"
-    return f"diffusers{' + torch.compile' if compiled else ' eager'} (1 at a time)"
+    mode = f" mode={cfg.bench.serve_peer_mode}" if compiled and cfg.bench.serve_peer_mode else ""
+    return f"diffusers{' + torch.compile' + mode if compiled else ' eager'} (1 at a time)"
 
 
 def _samples(response: Any, wanted: set[str]) -> dict[str, float]:
@@ -392,11 +394,18 @@ def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
     return seconds, next((c for c in codes if c), codes[0] if codes else None)
 
 
+def _peer_start(cfg: DictConfig) -> str:
+    """Whether the peer starts from Inductor's on-disk caches: a named folder that is still empty (a
+    fresh GPU machine) is a cold start (the twelfth session's peer row called one warm)."""
+    folder = Path(cfg.bench.serve_peer_cache).expanduser() if cfg.bench.serve_peer_cache else None
+    return "warm Inductor cache" if folder and folder.is_dir() and any(folder.iterdir()) else "cold"
+
+
 def _serve_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
     fill_only = not cfg.bench.serve_concurrency
     files = _loras(cfg, work)
     if not cfg.bench.serve_onediffx:
-        what = "cold" + (" (warm Inductor cache)" if cfg.bench.serve_peer_cache else "") + ", alone"
+        what = f"{_peer_start(cfg)}, alone"
         return _peer_rows(cfg, _peer(cfg, work, files), f"start → /readyz, {what}", measure=not fill_only)
     early = cfg.bench.serve_peer and (fill_only or cfg.bench.serve_peer_early)
     peer = _peer(cfg, work, files) if early else None  # its compile overlaps onediffx's starts and loads
@@ -409,7 +418,7 @@ def _serve_rows(cfg: DictConfig, work: Path) -> list[dict[str, Any]]:
     if not cfg.bench.serve_peer:
         return rows
     what = "beside onediffx's fill" if fill_only else "started beside onediffx's runs" if early else \
-        "cold" + (" (warm Inductor cache)" if cfg.bench.serve_peer_cache else "")
+        _peer_start(cfg)
     return rows + _peer_rows(cfg, peer or _peer(cfg, work, files), f"start → /readyz, {what}", measure=not fill_only)
 
 

@@ -90,6 +90,9 @@ RUNNERS: dict[str, Callable[[DictConfig, Path], list[dict[str, Any]]]] = {
 }
 
 
+PEER_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run each scenario in ``bench.scenarios`` and write the report."""
     from ..bench.report import write_report
@@ -99,6 +102,9 @@ def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             raise ConfigError(f"bench.scenarios[{i}]: unknown scenario {name!r}; known: {', '.join(RUNNERS)}")
     if "serve" in cfg.bench.scenarios and not (cfg.bench.serve_onediffx or cfg.bench.serve_peer):
         raise ConfigError("bench.serve_onediffx=false needs bench.serve_peer=true: the serve scenario would drive no server")
+    mode = cfg.bench.get("serve_peer_mode")
+    if mode is not None and mode not in PEER_MODES:
+        raise ConfigError(f"bench.serve_peer_mode: unknown torch.compile mode {mode!r}; known: {', '.join(PEER_MODES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     device = resolve_device(cfg.device)

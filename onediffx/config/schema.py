@@ -250,8 +250,12 @@ class BenchOptions:
     Inductor cache (``serve_peer_cache``)."""
     serve_onediffx: bool = True
     """``serve`` scenario: ``false`` drives only the peer (cold, or from ``serve_peer_cache``). On the
-    H200 a cold SDXL peer compiled for more than 9 minutes beside onediffx's runs, so it could not share
-    a ten-minute GPU call with them; its rows then come from a call of its own on the same card kind."""
+    H200 a cold SDXL peer needs about 6 minutes to compile its four graphs (two sizes × two fused LoRAs:
+    Dynamo guards on which adapter is merged), too long to share a ten-minute GPU call with onediffx's
+    runs; its rows then come from a call of its own on the same card kind."""
+    serve_peer_mode: Optional[str] = None
+    """``serve`` scenario: the peer's ``torch.compile`` mode (``reduce-overhead``, ``max-autotune``,
+    ``max-autotune-no-cudagraphs``); unset, torch.compile's default (no CUDA graphs)."""
     serve_peer_early: bool = False
     """``serve`` scenario: start the peer with onediffx's first start instead of after onediffx's rows,
     so its compile (minutes for SDXL from a cold Inductor cache) overlaps onediffx's starts and load
