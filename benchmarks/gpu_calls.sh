@@ -16,6 +16,8 @@
 # to stop its servers and pack), 16 requests a level and open loop at 80% and 50% as well.
 # The twelfth session: the bench logs each server's ready time as soon as it is ready and the peer logs one
 # line a call, so a call cut short still says how far the peer got; serve packs the peer's Inductor cache.
+# SERVE_TIMEOUT (default 560 s) shortens serve for a call with less device time left: the twelfth session's
+# last call, `SERVE_TIMEOUT=420 ... serve bench.serve_sizes=1 bench.serve_peer_mode=reduce-overhead ...`.
 # Arguments after the first are extra overrides for `serve` (the eleventh session: 'bench.serve_concurrency=[1,16]').
 #   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure).
 #   quantize-memory: off and fp8 without the recipe, twice on one graph cache: the first run compiles in
@@ -40,7 +42,7 @@ case "${1:-}" in
   serve)
     if [ ! -d "$G" ]; then cat outputs/carry/graphs.tgz.* | tar xzf - -C outputs || exit 1; echo "unpacked the carried graphs"; fi
     du -sh "$G" "$P"
-    timeout 560 python3 -m onediffx bench "${SERVE[@]}" "${@:2}" \
+    timeout "${SERVE_TIMEOUT:-560}" python3 -m onediffx bench "${SERVE[@]}" "${@:2}" \
       hydra.run.dir="$OUT/serve" > "$OUT/serve.log" 2>&1
     echo "serve rc=$?"; tar czf "$OUT/serve-logs.tgz" -C "$OUT/serve" serve-logs && rm -rf "$OUT/serve/serve-logs"
     tar czf - -C outputs peer-inductor | split -b 15m - "$OUT/peer-inductor.tgz."  # the peer's warm cache, to carry

@@ -471,22 +471,26 @@ def test_serve_bench_can_drive_the_peer_alone(tmp_path):
     common = ("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[serve]",
               "bench.serve_onediffx=false", "steps=2")
     proc = run_cli(*common, "bench.serve_concurrency=[2]", "bench.serve_requests=4", "bench.serve_open_fractions=[]",
-                   "hydra.run.dir=out", cwd=tmp_path)
+                   "bench.serve_sizes=1", "hydra.run.dir=out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     peer = "diffusers eager (1 at a time)"
     assert [(r["server"], r["load"]) for r in rows] == [(peer, "start → /readyz, cold, alone"), (peer, "closed, 2 clients")]
     assert rows[0]["exit_code"] == 0 and rows[1]["errors"] == 0 and rows[1]["images_per_s"] > 0
     assert sorted(p.name for p in (tmp_path / "out" / "serve-logs").iterdir()) == ["peer.log"]
-    # a call cut short still says how far the peer got: one line a call (4 warm-ups, 4 requests), and ready
+    # a call cut short still says how far the peer got: one line a call (2 warm-ups: one size × two LoRAs;
+    # 4 requests, all of that size), and ready
     peer_log = (tmp_path / "out" / "serve-logs" / "peer.log").read_text()
-    assert "peer: ready" in peer_log and peer_log.count(": switch ") == 8
+    calls = [line for line in peer_log.splitlines() if ": switch " in line]
+    assert "peer: ready" in peer_log and len(calls) == 6 and len({line.split(" x1")[0] for line in calls}) == 1
     assert f"{peer} ready in" in proc.stdout + proc.stderr
     refused = run_cli(*common, "bench.serve_peer=false", "hydra.run.dir=none", cwd=tmp_path)
     assert refused.returncode == 2 and "bench.serve_onediffx=false needs bench.serve_peer=true" in refused.stderr + refused.stdout
     assert not (tmp_path / "none" / "bench.json").exists()
     refused = run_cli(*common, "bench.serve_peer_mode=fastest", "hydra.run.dir=none", cwd=tmp_path)
     assert refused.returncode == 2 and "bench.serve_peer_mode: unknown torch.compile mode 'fastest'" in refused.stderr + refused.stdout
+    refused = run_cli(*common, "bench.serve_sizes=3", "hydra.run.dir=none", cwd=tmp_path)
+    assert refused.returncode == 2 and "bench.serve_sizes: 3 is not 1 or 2" in refused.stderr + refused.stdout
 
 
 def test_serve_bench_without_peer_or_load_only_fills_the_named_cache_and_times_both_starts(tmp_path):

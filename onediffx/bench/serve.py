@@ -48,9 +48,9 @@ def _free_port() -> int:
 
 
 def _sizes(cfg: DictConfig) -> list[tuple[int, int]]:
-    """(height, width): the run's size and a landscape one three quarters as tall."""
+    """(height, width): the run's size and (``bench.serve_sizes=2``) a landscape one three quarters as tall."""
     height, width = cfg.height or cfg.model.height, cfg.width or cfg.model.width
-    return [(height, width), (max(8, height * 3 // 4 // 8 * 8), width)]
+    return [(height, width), (max(8, height * 3 // 4 // 8 * 8), width)][:cfg.bench.serve_sizes]
 
 
 def _loras(cfg: DictConfig, folder: Path) -> dict[str, Path]:
@@ -91,7 +91,7 @@ def request_mix(cfg: DictConfig, count_: int, start: int = 0) -> list[dict[str, 
     sizes, steps = _sizes(cfg), cfg.steps or cfg.model.steps
     out = []
     for i in range(start, start + count_):
-        height, width = sizes[i % 2]
+        height, width = sizes[i % len(sizes)]
         out.append({"prompt": PROMPTS[i % len(PROMPTS)], "size": f"{width}x{height}", "steps": steps,
                     "seed": i, "loras": {("l1", "l2")[(i // 2) % 2]: 1.0}})
     return out

@@ -253,6 +253,9 @@ class BenchOptions:
     H200 a cold SDXL peer needs about 6 minutes to compile its four graphs (two sizes × two fused LoRAs:
     Dynamo guards on which adapter is merged), too long to share a ten-minute GPU call with onediffx's
     runs; its rows then come from a call of its own on the same card kind."""
+    serve_sizes: int = 2
+    """``serve`` scenario: sizes in the request mix, 1 or 2 (the run's size, then a landscape one). One
+    size halves the peer's cold compile (one graph per LoRA), so both servers fit one GPU call."""
     serve_peer_mode: Optional[str] = None
     """``serve`` scenario: the peer's ``torch.compile`` mode (``reduce-overhead``, ``max-autotune``,
     ``max-autotune-no-cudagraphs``); unset, torch.compile's default (no CUDA graphs)."""
