@@ -17,7 +17,7 @@
 # The twelfth session: the bench logs each server's ready time as soon as it is ready and the peer logs one
 # line a call, so a call cut short still says how far the peer got; serve packs the peer's Inductor cache.
 # SERVE_TIMEOUT (default 560 s) shortens serve for a call with less device time left: the twelfth session's
-# last call, `SERVE_TIMEOUT=420 ... serve bench.serve_sizes=1 bench.serve_peer_mode=reduce-overhead ...`.
+# last call, `SERVE_TIMEOUT=400 ... serve bench.serve_sizes=1 bench.serve_peer_mode=reduce-overhead ...`.
 # Arguments after the first are extra overrides for `serve` (the eleventh session: 'bench.serve_concurrency=[1,16]').
 #   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure).
 #   quantize-memory: off and fp8 without the recipe, twice on one graph cache: the first run compiles in

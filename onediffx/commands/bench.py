@@ -104,7 +104,7 @@ def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError("bench.serve_onediffx=false needs bench.serve_peer=true: the serve scenario would drive no server")
     if cfg.bench.serve_sizes not in (1, 2):
         raise ConfigError(f"bench.serve_sizes: {cfg.bench.serve_sizes} is not 1 or 2 (the run's size, then a landscape one)")
-    mode = cfg.bench.get("serve_peer_mode")
+    mode = cfg.bench.serve_peer_mode
     if mode is not None and mode not in PEER_MODES:
         raise ConfigError(f"bench.serve_peer_mode: unknown torch.compile mode {mode!r}; known: {', '.join(PEER_MODES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
