@@ -19,10 +19,10 @@
 # SERVE_TIMEOUT (default 560 s) shortens serve for a call with less device time left: the twelfth session's
 # last call, `SERVE_TIMEOUT=400 ... serve bench.serve_sizes=1 bench.serve_peer_mode=reduce-overhead ...`.
 # Arguments after the first are extra overrides for `serve` (the eleventh session: 'bench.serve_concurrency=[1,16]').
-#   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure).
-#   quantize-memory: off and fp8 without the recipe, twice on one graph cache: the first run compiles in
-#             process, the second loads the graphs. fp8 peaked at 9.53 GiB compiled in process (tenth
-#             session) and at 6.38 GiB loaded from the cache (seventh); this says which it is.
+#   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure),
+#             compiled in process; packs the graphs to carry. fp8 peaked at 9.53 GiB compiled in process
+#             (tenth session) and at 6.38 GiB loaded from the cache (seventh).
+#   quantize-again: the same bench from the carried graphs, then the quantization GPU tests (thirteenth session).
 set -u
 cd "$(dirname "$0")/.."
 export ONEDIFFX_CACHE_KEY=$PWD/outputs/graphs.key PYTHONUNBUFFERED=1
@@ -47,20 +47,26 @@ case "${1:-}" in
     echo "serve rc=$?"; tar czf "$OUT/serve-logs.tgz" -C "$OUT/serve" serve-logs && rm -rf "$OUT/serve/serve-logs"
     tar czf - -C outputs peer-inductor | split -b 15m - "$OUT/peer-inductor.tgz."  # the peer's warm cache, to carry
     grep "serve row\|ready in" "$OUT/serve.log" | cut -c1-420 ;;
-  quantize)
-    timeout 580 python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
-      'bench.quantize_modes=[fp8]' hydra.run.dir="$OUT/quantize" > "$OUT/quantize.log" 2>&1
-    echo "quantize rc=$?"; tail -25 "$OUT/quantize.log" | cut -c1-300 ;;
-  quantize-memory)
-    for run in 1 2; do limit=$((run == 1 ? 380 : 170))
-      timeout $limit python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
-        'bench.quantize_modes=[fp8]' bench.recipe_peer=false "cache.dir=$PWD/outputs/qgraphs" \
-        hydra.run.dir="$OUT/qmem$run" > "$OUT/qmem$run.log" 2>&1
-      echo "quantize-memory run $run rc=$?"
-      grep "bench quantize row" "$OUT/qmem$run.log" | python3 -c 'import sys, json
+  quantize|quantize-again)
+    # quantize: off and fp8 beside the recipe, compiled in process; packs their graphs to carry.
+    # quantize-again: the same bench loading those graphs (carried in outputs/carry/qgraphs.tgz.*),
+    # then the GPU tests of quantization, fused projections and CUDA-graph LoRA.
+    Q=$PWD/outputs/qgraphs
+    if [ "$1" = quantize-again ] && [ ! -d "$Q" ]; then cat outputs/carry/qgraphs.tgz.* | tar xzf - -C outputs || exit 1; fi
+    timeout "${QUANTIZE_TIMEOUT:-560}" python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
+      'bench.quantize_modes=[fp8]' "cache.dir=$Q" hydra.run.dir="$OUT/$1" "${@:2}" > "$OUT/$1.log" 2>&1
+    echo "$1 rc=$?"
+    grep "bench quantize row" "$OUT/$1.log" | python3 -c 'import sys, json
 for line in sys.stdin:
     r = json.loads(line.split("row: ", 1)[1])
-    print(r.get("method"), {k: r.get(k) for k in ("e2e_s", "peak_gib", "cache_hit", "graphs_compiled", "weight_mib", "error")})'
-    done ;;
-  *) echo "usage: $0 fill|serve|quantize|quantize-memory" >&2; exit 2 ;;
+    print(r.get("method"), {k: r.get(k) for k in ("e2e_s", "unet_step_ms", "first_call_s", "peak_gib", "resident_gib",
+          "cache_hit", "compile_s", "weight_mib", "lora_switch_ms", "lora_unfuse_exact", "error")})'
+    grep "still allocated" "$OUT/$1.log" | cut -c1-200
+    if [ "$1" = quantize ]; then tar czf - -C outputs qgraphs | split -b 15m - "$OUT/qgraphs.tgz."; ls -la "$OUT"; fi
+    if [ "$1" = quantize-again ]; then
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize.py \
+        tests/test_gpu.py -k "fp8 or lora_fusing" > "$OUT/gpu-tests.log" 2>&1
+      echo "gpu tests rc=$?"; tail -4 "$OUT/gpu-tests.log"
+    fi ;;
+  *) echo "usage: $0 fill|serve|quantize|quantize-again" >&2; exit 2 ;;
 esac

@@ -5,6 +5,8 @@ from __future__ import annotations
 import resource
 import sys
 
+from typing import Optional
+
 import torch
 
 from .errors import ConfigError
@@ -55,6 +57,11 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def allocated_gib(device: torch.device) -> Optional[float]:
+    """GPU memory torch holds now (live tensors, CUDA-graph pools included); ``None`` off the GPU."""
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def device_name(device: torch.device) -> str:

@@ -41,6 +41,27 @@ def test_loading_an_unfused_state_dict_reaches_the_fused_projections():
     torch.testing.assert_close(_unet_out(fused_unet), after, atol=0, rtol=0)
 
 
+def _unique_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct memory blocks behind the module's parameters (shared ones counted once)."""
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}.values())
+
+
+def test_fused_projections_cost_no_memory_and_compute_as_diffusers_fused_ones():
+    ours, theirs, plain = tiny_sdxl().unet, tiny_sdxl().unet, tiny_sdxl().unet
+    fuse_qkv(ours)
+    theirs.fuse_qkv_projections()  # the oracle: diffusers keeps the separate projections beside the copy
+    assert _unique_bytes(theirs) > _unique_bytes(plain)
+    assert _unique_bytes(ours) == _unique_bytes(plain)  # the separate projections are the copy's rows
+    torch.testing.assert_close(_unet_out(ours), _unet_out(theirs), atol=0, rtol=0)
+    attention = ours.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    with torch.no_grad():  # a write to one projection is a write to the copy, and to no other projection
+        version = attention.to_q.weight._version
+        attention.to_k.weight.mul_(2)
+    assert attention.to_q.weight._version == version
+    rows = attention.to_q.weight.shape[0]
+    torch.testing.assert_close(attention.to_qkv.weight[rows:2 * rows], attention.to_k.weight, atol=0, rtol=0)
+
+
 def test_pil_on_device_gives_diffusers_bytes():
     processor = tiny_sdxl().image_processor
     original = processor.postprocess

@@ -7,9 +7,11 @@ unfusing must reach ``to_qkv`` / ``to_kv``, which are what a fused attention com
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import onediffx.lora as lora
+from onediffx.compile.fused_qkv import fuse_qkv
 from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sdxl
 
@@ -20,18 +22,21 @@ def _image(pipe) -> np.ndarray:
     return out.images[0]
 
 
-def _pipe(fused: bool):
+def _pipe(fused: str = ""):
     pipe = tiny_sdxl()
     pipe.set_progress_bar_config(disable=True)
-    if fused:
+    if fused == "diffusers":  # separate projections beside the fused copy
         pipe.unet.fuse_qkv_projections()
+    elif fused == "onediffx":  # separate projections over the fused copy's rows
+        fuse_qkv(pipe.unet)
     return pipe
 
 
-def test_lora_fused_after_fusing_projections_matches_the_unfused_model(tmp_path):
-    targets = lora_targets(_pipe(False))
+@pytest.mark.parametrize("fusing", ["diffusers", "onediffx"])
+def test_lora_fused_after_fusing_projections_matches_the_unfused_model(fusing, tmp_path):
+    targets = lora_targets(_pipe())
     files = [save_kohya(random_lora(targets, 4, seed=s), tmp_path / f"{s}.safetensors") for s in (1, 2)]
-    plain, fused = _pipe(False), _pipe(True)
+    plain, fused = _pipe(), _pipe(fusing)
     base = _image(fused)
     np.testing.assert_allclose(base, _image(plain), atol=1e-5, rtol=0)
     for pipe in (plain, fused):

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 import onediffx.lora as lora
+from onediffx.compile.fused_qkv import joined, projections
 from conftest import job_dirs, run_cli
 from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sd, tiny_sdxl
 from onediffx.quantize import QuantizeConfig, quantize_pipe, quantize_state
 from onediffx.quantize.quality import image_fidelity
-from onediffx.quantize.weights import inner_tensors, is_quantized
+from onediffx.quantize.weights import inner_tensors, is_quantized, record_of
 
 pytest.importorskip("torchao")
 
@@ -40,6 +41,10 @@ def _image(pipe, steps: int = 2) -> np.ndarray:
 def _quantized(pipe) -> dict[str, list[torch.Tensor]]:
     """Every quantized weight's inner tensors, copied."""
     return {name: [t.clone() for t in inner_tensors(p)] for name, p in pipe.unet.named_parameters() if is_quantized(p)}
+
+
+def _fused_attentions(unet) -> list:
+    return [m for m in unet.modules() if getattr(m, "fused_projections", False)]
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -147,6 +152,10 @@ def test_lora_on_a_quantized_unet_matches_diffusers_then_quantization(fused_qkv,
     (source,) = _write_loras(tiny_sd(), tmp_path, 1)
     ours = quantize_pipe(_quiet(tiny_sd()), "int8", fuse_qkv=fused_qkv)
     before, base_image = _quantized(ours), _image(ours)
+    if fused_qkv:  # the separate projections LoRA fuses into are the kept original's rows, not a second copy
+        shared = [joined(parts).data_ptr() == record_of(fused.weight).original.data_ptr()
+                  for fused, parts in map(projections, _fused_attentions(ours.unet)) if is_quantized(fused.weight)]
+        assert shared and all(shared)
 
     oracle = _quiet(tiny_sd())  # diffusers fuses into the float32 weights; then the same quantization
     oracle.load_lora_weights(str(source.parent), weight_name=source.name)
@@ -317,6 +326,7 @@ def test_fp8_tiny_sdxl_compiles_restarts_from_the_cache_and_fuses_a_lora(tmp_pat
         from onediffx.models.tiny import tiny_sdxl
         from onediffx.quantize import quantize_pipe, quantize_state
         import onediffx.lora as lora
+from onediffx.compile.fused_qkv import joined, projections
         cache, mode, lora_file = sys.argv[1], sys.argv[2], sys.argv[3]
         pipe = tiny_sdxl().to("cuda", torch.float16)
         pipe.set_progress_bar_config(disable=True)
@@ -432,7 +442,7 @@ def test_fp8_activation_bound_turns_a_zero_row_from_nan_into_zeros():
     assert torch.isnan(Float8Tensor.from_hp(weight, granularity=config.granularity[1]).dequantize()[7]).all()
 
 
-def test_selection_skips_cross_attention_kv_in_dynamic_modes_and_zero_weight_rows_in_fp8():
+def test_selection_of_cross_attention_kv_and_of_zero_weight_rows_in_fp8():
     from onediffx.compile.fused_qkv import fuse_qkv
     from onediffx.quantize.select import select
 
@@ -441,11 +451,11 @@ def test_selection_skips_cross_attention_kv_in_dynamic_modes_and_zero_weight_row
     assert cross and all(".attn2" in n for n in cross)
     unfused = {f"unet.{a}.{p}" for a in cross for p in ("to_k", "to_v")}
     for mode in ("int8", "fp8"):
-        got = select(unet, "unet", QuantizeConfig(mode=mode))
+        got = select(unet, "unet", QuantizeConfig(mode=mode, cross_attention_kv=False))
         assert set(_cross_kv_reasons(got.skipped)) == unfused and not unfused & set(got.chosen)
         assert any(n.endswith(".attn2.to_q") for n in got.chosen)  # the queries read the image tokens
-    for options in (QuantizeConfig(mode="int8", cross_attention_kv=True), QuantizeConfig(mode="int8_weight_only")):
-        got = select(unet, "unet", options)
+    for options in (QuantizeConfig(mode="int8"), QuantizeConfig(mode="fp8"), QuantizeConfig(mode="int8_weight_only")):
+        got = select(unet, "unet", options)  # the default: quantized, for the memory they hold
         assert unfused <= set(got.chosen) and not _cross_kv_reasons(got.skipped)
     # a zero-initialised output row (as in an untrained ControlNet): fp8 leaves the layer alone, int8 not
     name = next(n for n in select(unet, "unet", QuantizeConfig(mode="fp8")).chosen if n.endswith("ff.net.2"))
@@ -455,8 +465,9 @@ def test_selection_skips_cross_attention_kv_in_dynamic_modes_and_zero_weight_row
     assert select(unet, "unet", QuantizeConfig(mode="fp8_weight_only")).skipped[name].startswith("zero weight rows")
     assert name in select(unet, "unet", QuantizeConfig(mode="int8")).chosen
     fuse_qkv(unet)  # what quantize_pipe does first: cross-attentions get a to_kv copy
-    got = select(unet, "unet", QuantizeConfig(mode="fp8"))
+    got = select(unet, "unet", QuantizeConfig(mode="fp8", cross_attention_kv=False))
     assert set(_cross_kv_reasons(got.skipped)) == {f"unet.{a}.to_kv" for a in cross}
+    assert {f"unet.{a}.to_kv" for a in cross} <= set(select(unet, "unet", QuantizeConfig(mode="fp8")).chosen)
     assert all(got.skipped[n].startswith("unused") for n in unfused)
 
 
@@ -471,10 +482,9 @@ def test_int8_sdxl_with_an_empty_negative_prompt_stays_finite():
                       generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     reference = gen(pipe)
     quantize_pipe(pipe, "int8")
-    state = quantize_state(pipe)
-    kv = _cross_kv_reasons(state.skipped)
-    assert kv and all(n.endswith(".attn2.to_kv") for n in kv) and not set(kv) & set(state.layers)
-    assert state.facts()["skipped"]["cross-attention key/value"] == len(kv)
+    state = quantize_state(pipe)  # the cross-attention keys/values take the zero rows quantized
+    kv = [n for n in state.layers if n.endswith(".attn2.to_kv")]
+    assert kv and not _cross_kv_reasons(state.skipped)
     image = gen(pipe)
     assert np.isfinite(image).all()
     psnr, _ = image_fidelity((reference * 255).round().astype(np.uint8), (image * 255).round().astype(np.uint8))

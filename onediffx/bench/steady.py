@@ -11,6 +11,7 @@ of the two, so a slow first measurement never flatters the compiled rows.
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -20,13 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..assembly import Assembly
 from ..compile import compile_options, compile_pipe
-from ..device import empty_cache
+from ..device import allocated_gib, empty_cache
 from ..generate import Settings, generate
 from .measure import UNetProbe, matmul_peak_tflops, median_call, psnr, timed
+
+log = logging.getLogger("onediffx.bench")
 
 
 def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s: float,
          reference: np.ndarray | None, floor_s: float) -> dict[str, Any]:
+    resident = allocated_gib(asm.device)  # weights, graphs and their pools: what the peak adds activations to
     result = median_call(lambda: generate(asm, settings), asm.device, cfg.bench.repeat)
     image = np.asarray(result["output"].images[0], dtype=np.float64)
     probe = UNetProbe(asm.pipe.unet)
@@ -36,17 +40,25 @@ def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s:
         "scenario": "steady", "method": name, "e2e_s": round(result["seconds"], 4),
         "it_per_s": round(settings.steps / result["seconds"], 2), "first_call_s": round(first_s, 2),
         "unet_step_ms": round(step * 1000, 2), "unet_floor_ms": round(floor_s * 1000, 2),
-        "peak_gib": round(result["peak_gib"], 2),
+        "peak_gib": round(result["peak_gib"], 2), "resident_gib": None if resident is None else round(resident, 2),
         "psnr_vs_eager_db": None if reference is None else psnr(reference, image, 255), "image": image,
     }
 
 
 def _release(asm: Assembly, fresh: Callable[[], Assembly]) -> Assembly:
-    """A freshly loaded pipeline, after freeing ``asm``'s (so peak memory is the new one's own)."""
+    """A freshly loaded pipeline, after freeing ``asm``'s (so peak memory is the new one's own).
+
+    What is still allocated once it is freed is logged: a row's peak counts everything the process
+    holds, so memory an earlier row left behind would be charged to the next one.
+    """
     asm.pipe = None
     gc.collect()
-    empty_cache(asm.device)
     torch._dynamo.reset()
+    gc.collect()
+    empty_cache(asm.device)
+    left = allocated_gib(asm.device)
+    if left is not None:
+        log.info("bench: %.2f GiB still allocated after releasing the previous pipeline", left)
     return fresh()
 
 

@@ -7,11 +7,16 @@ on them, or with ``strict=False`` leave the copy stale while the compiled graph 
 A load pre-hook on each fused attention builds the copy from the incoming projections, so loading
 another state dict into a compiled component (graph re-use, no recompile) works with fused
 projections too. LoRA fusing keeps the copy in sync separately (``lora/fused_projections.py``).
+
+diffusers keeps the separate projections beside the copy, which on SDXL is 1.2 GiB of weights held
+twice (every self-attention's q/k/v and every cross-attention's k/v). ``fuse_qkv`` points each
+separate weight at its rows of the copy instead (``share_rows``): nothing computes with the
+separate projections, LoRA files name them, and a LoRA fused into them now lands in the copy itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -28,8 +33,73 @@ def _fill_fused(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: 
             state_dict[target] = torch.cat([state_dict[source] for source in sources])
 
 
+def projections(attention: nn.Module) -> tuple[Optional[nn.Linear], list[nn.Linear]]:
+    """(the fused copy, the separate projections in its row order) of a fused attention."""
+    if getattr(attention, "is_cross_attention", False):
+        return getattr(attention, "to_kv", None), [attention.to_k, attention.to_v]
+    return getattr(attention, "to_qkv", None), [attention.to_q, attention.to_k, attention.to_v]
+
+
+def _rows(base: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows ``start:start + rows`` of ``base``, as a tensor of its own over the same memory.
+
+    Not a view: views share their base's version counter, and LoRA fusing tells its own writes
+    from anyone else's by each weight's counter; a write to ``to_k`` must not look like a write to ``to_q``.
+    """
+    offset = base.storage_offset() + start * base.stride(0)
+    return torch.empty(0, dtype=base.dtype, device=base.device).set_(
+        base.untyped_storage(), offset, (rows, *base.shape[1:]), base.stride())
+
+
+def share_rows(fused: nn.Linear, parts: list[nn.Linear], source: Optional[torch.Tensor] = None) -> None:
+    """Point each part's weight and bias at its rows of the fused weight and bias.
+
+    ``source`` replaces the fused weight as the rows' owner: a quantized copy's high-precision
+    original, which then is the one high-precision copy of these projections.
+    """
+    weight = (fused.weight if source is None else source).detach()
+    row = 0
+    for part in parts:
+        rows = part.weight.shape[0]
+        part.weight = nn.Parameter(_rows(weight, row, rows), requires_grad=False)
+        if part.bias is not None and fused.bias is not None:
+            part.bias = nn.Parameter(_rows(fused.bias.detach(), row, rows), requires_grad=False)
+        row += rows
+
+
+def _stacked(parts: list[nn.Linear], base: torch.Tensor) -> bool:
+    """Whether the parts' weights lie in ``base``'s memory, one after another from ``base``'s first row."""
+    storage, offset = base.untyped_storage().data_ptr(), base.storage_offset()
+    for part in parts:
+        weight = part.weight
+        if (weight.device != base.device or weight.untyped_storage().data_ptr() != storage
+                or weight.storage_offset() != offset or not weight.is_contiguous()):
+            return False
+        offset += weight.numel()
+    return True
+
+
+def joined(parts: list[nn.Linear]) -> torch.Tensor:
+    """The parts' weights stacked in row order: the memory they share when ``share_rows`` put them
+    one after another, else a concatenated copy."""
+    first = parts[0].weight.detach()
+    if first.is_contiguous() and _stacked(parts, first):
+        return _rows(first, 0, sum(part.weight.shape[0] for part in parts))
+    return torch.cat([part.weight for part in parts])
+
+
+def shares_rows(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
+    """Whether the parts' weights are the fused weight's rows (``share_rows``, not undone by a ``.to``)."""
+    weight = fused.weight
+    return not hasattr(weight, "tensor_data_names") and weight.is_contiguous() and _stacked(parts, weight)
+
+
 def fuse_qkv(module: nn.Module) -> int:
-    """Fuse the module's attention projections; return how many attentions load-fill their copy."""
+    """Fuse the module's attention projections; return how many attentions load-fill their copy.
+
+    Projections fused here share their copy's memory (``share_rows``); ones a caller fused before
+    (diffusers' ``fuse_qkv_projections``) are left as they are.
+    """
     if not any(getattr(m, "fused_projections", False) for m in module.modules()):  # fusing twice reallocates
         if any(hasattr(getattr(getattr(m, "to_q", None), "weight", None), "tensor_data_names") for m in module.modules()):
             from ..errors import ConfigError  # torchao's tensors cannot be concatenated
@@ -40,6 +110,10 @@ def fuse_qkv(module: nn.Module) -> int:
             _fuse_plain_attentions(module)
         else:
             module.fuse_qkv_projections()
+        for attention in module.modules():  # only copies fused here: a LoRA may be fused into older ones
+            fused, parts = projections(attention) if getattr(attention, "fused_projections", False) else (None, [])
+            if fused is not None:
+                share_rows(fused, parts)
     hooked = 0
     for attention in module.modules():
         if getattr(attention, "fused_projections", False) and not getattr(attention, MARK, False):

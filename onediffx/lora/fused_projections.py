@@ -6,7 +6,8 @@ projections and onediffx fuses into those, so without this module a LoRA fused a
 ``fuse_qkv_projections`` (a runtime switch on a pipeline compiled with ``compile.fuse_qkv``) would
 change weights nothing reads. ``sync`` copies the separate weights into the fused one, in place,
 so compiled graphs and CUDA graphs read the result; only attentions whose projections changed
-since the last sync are copied.
+since the last sync are copied. Projections onediffx fused share the copy's memory
+(``compile.fused_qkv.share_rows``) and need no copy; a quantized copy is re-quantized from them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
+from ..compile.fused_qkv import joined, projections, shares_rows
 from ..quantize.weights import is_quantized, requantize
 from .fit import lora_components
 
@@ -26,10 +28,7 @@ def _fused_attentions(pipeline: Any) -> Iterator[Tuple[nn.Module, nn.Linear, Lis
         for module in component.modules():
             if not getattr(module, "fused_projections", False):
                 continue
-            if getattr(module, "is_cross_attention", False):
-                fused, parts = getattr(module, "to_kv", None), [module.to_k, module.to_v]
-            else:
-                fused, parts = getattr(module, "to_qkv", None), [module.to_q, module.to_k, module.to_v]
+            fused, parts = projections(module)
             if fused is not None:
                 yield module, fused, parts
 
@@ -45,8 +44,11 @@ def sync(pipeline: Any, versions: Dict[int, Tuple[int, ...]]) -> int:
         now = tuple(part.weight._version for part in parts)
         if versions.get(id(attention)) == now:
             continue
+        if shares_rows(fused, parts):  # the parts are the copy's rows: written already
+            versions[id(attention)] = now
+            continue
         if is_quantized(fused.weight):  # re-quantize the fused copy from its high-precision parts
-            requantize(fused.weight, torch.cat([part.weight for part in parts]))
+            requantize(fused.weight, joined(parts))
             versions[id(attention)] = now
             synced += 1
             continue

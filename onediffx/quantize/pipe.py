@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..compile.fused_qkv import fuse_qkv
+from ..compile.fused_qkv import fuse_qkv, projections, share_rows
 from ..errors import ConfigError
 from ..lora.fuse import STATE_ATTR as LORA_STATE
 from .config import KeepOriginals, QuantizeConfig, QuantizeMode
@@ -137,6 +137,32 @@ def _swap_pointwise(component: nn.Module, prefix: str, chosen: set[str]) -> None
             setattr(parent, leaf, PointwiseConv.from_conv(module))
 
 
+def _fused_parts(component: nn.Module, prefix: str, chosen: set[str]) -> dict[str, tuple[torch.Tensor, list[nn.Linear]]]:
+    """For each chosen fused q/k/v copy: its high-precision weight (before torchao replaces it), its parts."""
+    found = {}
+    for path, module in component.named_modules():
+        fused, parts = projections(module) if getattr(module, "fused_projections", False) else (None, [])
+        if fused is not None and f"{prefix}.{path}.{'to_kv' if len(parts) == 2 else 'to_qkv'}" in chosen:
+            found[f"{prefix}.{path}.{'to_kv' if len(parts) == 2 else 'to_qkv'}"] = (fused.weight.detach(), parts)
+    return found
+
+
+def _move_parts(fused_parts: dict[str, tuple[torch.Tensor, list[nn.Linear]]], by_name: dict[str, nn.Module],
+                originals: dict[str, Optional[torch.Tensor]]) -> None:
+    """Give the separate projections of each quantized fused copy the copy's high-precision original.
+
+    They are what LoRA files name and fuse into, the source the copy is re-quantized from, and no
+    longer what the attention computes with. Sharing the kept original's memory (``keep_originals``:
+    on the CPU by default) frees their device copies: 0.6 GiB on SDXL. Without a kept original
+    (``none``) they move to the CPU.
+    """
+    for name, (high, parts) in fused_parts.items():
+        if not hasattr(by_name[name].weight, "tensor_data_names"):
+            continue  # torchao left it in high precision: the parts keep sharing its rows
+        original = originals[name]
+        share_rows(by_name[name], parts, high.to("cpu") if original is None else original)
+
+
 def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig] = None, **overrides: Any) -> Any:
     """Quantize the linear layers of the pipeline's ``components`` in place and return the pipeline.
 
@@ -183,7 +209,9 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
         by_name = {f"{path}.{p}" if p else path: m for p, m in component.named_modules()}
         modules = {id(by_name[n]): n for n in chosen.chosen}
         originals = {n: _keep(by_name[n].weight, KeepOriginals(config.keep_originals)) for n in chosen.chosen}
+        fused_parts = _fused_parts(component, path, names)
         quantize_(component, torchao, filter_fn=lambda m, fqn: id(m) in modules)
+        _move_parts(fused_parts, by_name, originals)
         for name in chosen.chosen:
             weight = by_name[name].weight
             if not hasattr(weight, "tensor_data_names"):  # torchao declined it (a shape its kernels refuse)

@@ -78,8 +78,8 @@ IP_KV = ("to_k_ip.", "to_v_ip.")
 def _cross_kv(component: nn.Module) -> set[int]:
     """The linear layers that project a cross-attention's encoder states into keys and values.
 
-    They run on the encoder's few tokens (77 for CLIP), so dynamic quantization saves nothing in
-    them; and they are where the all-zero rows of an empty negative prompt (SDXL's
+    They run on the encoder's few tokens (77 for CLIP), so dynamic quantization saves no time in
+    them, only memory; and they are where the all-zero rows of an empty negative prompt (SDXL's
     ``force_zeros_for_empty_prompt``) enter a dynamically quantized layer.
     """
     found: set[int] = set()
@@ -126,8 +126,7 @@ def select(component: nn.Module, prefix: str, config: QuantizeConfig) -> Selecti
         elif id(module) in unused:
             out.skipped[name] = "unused (its attention computes with the fused q/k/v copy)"
         elif id(module) in cross_kv:
-            out.skipped[name] = ("cross-attention key/value (projects the encoder's few tokens: nothing to gain; "
-                                 "quantize.cross_attention_kv=true quantizes it)")
+            out.skipped[name] = "cross-attention key/value (quantize.cross_attention_kv=false)"
         elif min(in_features, out_features) < config.min_features:
             out.skipped[name] = f"small ({in_features}->{out_features} < min_features={config.min_features})"
         elif fp8 and (in_features % FP8_ALIGN or out_features % FP8_ALIGN):
