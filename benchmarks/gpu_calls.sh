@@ -22,7 +22,8 @@
 #   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure),
 #             compiled in process; packs the graphs to carry. fp8 peaked at 9.53 GiB compiled in process
 #             (tenth session) and at 6.38 GiB loaded from the cache (seventh).
-#   quantize-again: the same bench from the carried graphs, then the quantization GPU tests (thirteenth session).
+#   quantize-again: the same bench from the carried graphs, then the quantization GPU tests beside
+#             benchmarks/release_check.py (what a released pipeline leaves allocated; thirteenth session).
 set -u
 cd "$(dirname "$0")/.."
 export ONEDIFFX_CACHE_KEY=$PWD/outputs/graphs.key PYTHONUNBUFFERED=1
@@ -64,9 +65,10 @@ for line in sys.stdin:
     grep "still allocated" "$OUT/$1.log" | cut -c1-200
     if [ "$1" = quantize ]; then tar czf - -C outputs qgraphs | split -b 15m - "$OUT/qgraphs.tgz."; ls -la "$OUT"; fi
     if [ "$1" = quantize-again ]; then
-      timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize.py \
+      timeout 200 python3 benchmarks/release_check.py > "$OUT/release-check.log" 2>&1 &
+      timeout 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize.py \
         tests/test_gpu.py -k "fp8 or lora_fusing" > "$OUT/gpu-tests.log" 2>&1
-      echo "gpu tests rc=$?"; tail -4 "$OUT/gpu-tests.log"
+      echo "gpu tests rc=$?"; tail -4 "$OUT/gpu-tests.log"; wait; grep "release check" "$OUT/release-check.log"
     fi ;;
   *) echo "usage: $0 fill|serve|quantize|quantize-again" >&2; exit 2 ;;
 esac

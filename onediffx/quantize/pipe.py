@@ -108,14 +108,18 @@ def _device_dtype(pipe: Any, modules: list[nn.Module]) -> tuple[torch.device, to
 
 
 def _weight_bytes(modules: list[nn.Module]) -> int:
-    total = 0
+    """Bytes of weight memory on the components' device, each block once: the separate q/k/v
+    projections are rows of a fused copy (or, quantized, of its original, on the CPU by default)."""
+    from .weights import inner_tensors
+
+    device = next(modules[0].parameters()).device
+    blocks: dict[int, int] = {}
     for module in modules:
         for param in module.parameters():
-            from .weights import inner_tensors
-
-            parts = inner_tensors(param) or [param]
-            total += sum(t.numel() * t.element_size() for t in parts)
-    return total
+            for t in inner_tensors(param) or [param]:
+                if t.device == device:
+                    blocks[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(blocks.values())
 
 
 def _keep(weight: torch.Tensor, where: KeepOriginals) -> Optional[torch.Tensor]:
