@@ -22,7 +22,8 @@
 #   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure),
 #             compiled in process; packs the graphs to carry. fp8 peaked at 9.53 GiB compiled in process
 #             (tenth session) and at 6.38 GiB loaded from the cache (seventh).
-#   quantize-again: the same bench from the carried graphs, then the quantization GPU tests beside
+#   quantize-again: the same bench from the carried graphs (the thirteenth session packed them without
+#             graphs.key, so its signatures did not verify: the entries were quarantined and recompiled), then the quantization GPU tests beside
 #             benchmarks/release_check.py (what a released pipeline leaves allocated; thirteenth session).
 set -u
 cd "$(dirname "$0")/.."
@@ -63,7 +64,7 @@ for line in sys.stdin:
     print(r.get("method"), {k: r.get(k) for k in ("e2e_s", "unet_step_ms", "first_call_s", "peak_gib", "resident_gib",
           "cache_hit", "compile_s", "weight_mib", "lora_switch_ms", "lora_unfuse_exact", "error")})'
     grep "still allocated" "$OUT/$1.log" | cut -c1-200
-    if [ "$1" = quantize ]; then tar czf - -C outputs qgraphs | split -b 15m - "$OUT/qgraphs.tgz."; ls -la "$OUT"; fi
+    if [ "$1" = quantize ]; then tar czf - -C outputs qgraphs graphs.key | split -b 15m - "$OUT/qgraphs.tgz."; ls -la "$OUT"; fi
     if [ "$1" = quantize-again ]; then
       timeout 200 python3 benchmarks/release_check.py > "$OUT/release-check.log" 2>&1 &
       timeout 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize.py \

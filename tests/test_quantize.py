@@ -326,7 +326,6 @@ def test_fp8_tiny_sdxl_compiles_restarts_from_the_cache_and_fuses_a_lora(tmp_pat
         from onediffx.models.tiny import tiny_sdxl
         from onediffx.quantize import quantize_pipe, quantize_state
         import onediffx.lora as lora
-from onediffx.compile.fused_qkv import joined, projections
         cache, mode, lora_file = sys.argv[1], sys.argv[2], sys.argv[3]
         pipe = tiny_sdxl().to("cuda", torch.float16)
         pipe.set_progress_bar_config(disable=True)

@@ -38,7 +38,7 @@ from ..quantize.modes import check_supported, needed_dtype
 from ..quantize.quality import Captured, capture_first_call, image_fidelity, output_error
 from .measure import UNetProbe, matmul_peak_tflops, timed
 from .recipe import RECIPE, recipe_row
-from .steady import _release, _row
+from .steady import _free, _row
 
 log = logging.getLogger("onediffx.bench")
 
@@ -141,10 +141,13 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
                                OmegaConf.select(cfg, "bench.recipe_mode") or "reduce-overhead"))
     _say(rows)
     for mode in ["off", *modes]:
-        asm = _release(asm, fresh)
+        left = _free(asm)
+        asm = fresh()
         try:
             check_supported(mode, device) if mode != "off" else None
             rows.append(_onediffx_row(asm, mode, settings, cfg, reference, captured, floor_s, loras))
+            if left is not None:  # the row's own memory: what earlier rows left allocated is not its
+                rows[-1].update(left_by_earlier_rows_gib=round(left, 2), own_peak_gib=round(rows[-1]["peak_gib"] - left, 2))
         except Exception as err:  # one mode this card cannot run (or an OOM) must not lose the others
             log.exception("bench quantize=%s failed", mode)
             rows.append({"scenario": "quantize", "method": f"onediffx quantize={mode}",

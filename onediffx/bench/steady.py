@@ -45,11 +45,11 @@ def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s:
     }
 
 
-def _release(asm: Assembly, fresh: Callable[[], Assembly]) -> Assembly:
-    """A freshly loaded pipeline, after freeing ``asm``'s (so peak memory is the new one's own).
+def _free(asm: Assembly) -> Optional[float]:
+    """Free ``asm``'s pipeline; return the GiB still allocated afterwards (``None`` off the GPU).
 
-    What is still allocated once it is freed is logged: a row's peak counts everything the process
-    holds, so memory an earlier row left behind would be charged to the next one.
+    A row's peak counts everything the process holds, so what an earlier row left behind is
+    logged and charged to it, not to the next row.
     """
     asm.pipe = None
     gc.collect()
@@ -59,6 +59,12 @@ def _release(asm: Assembly, fresh: Callable[[], Assembly]) -> Assembly:
     left = allocated_gib(asm.device)
     if left is not None:
         log.info("bench: %.2f GiB still allocated after releasing the previous pipeline", left)
+    return left
+
+
+def _release(asm: Assembly, fresh: Callable[[], Assembly]) -> Assembly:
+    """A freshly loaded pipeline, after freeing ``asm``'s (so peak memory is the new one's own)."""
+    _free(asm)
     return fresh()
 
 

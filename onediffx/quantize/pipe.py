@@ -146,8 +146,9 @@ def _fused_parts(component: nn.Module, prefix: str, chosen: set[str]) -> dict[st
     found = {}
     for path, module in component.named_modules():
         fused, parts = projections(module) if getattr(module, "fused_projections", False) else (None, [])
-        if fused is not None and f"{prefix}.{path}.{'to_kv' if len(parts) == 2 else 'to_qkv'}" in chosen:
-            found[f"{prefix}.{path}.{'to_kv' if len(parts) == 2 else 'to_qkv'}"] = (fused.weight.detach(), parts)
+        name = f"{prefix}.{path}.{'to_kv' if len(parts) == 2 else 'to_qkv'}"
+        if fused is not None and name in chosen:
+            found[name] = (fused.weight.detach(), parts)
     return found
 
 
