@@ -7,7 +7,9 @@ CUDA graphs (``compile.cuda_graphs``) against the uncaptured compiled forward th
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from PIL import Image
 import onediffx.lora as lora
 from conftest import run_cli
 from onediffx.compile import compile_options, compile_pipe
+from onediffx.compile.pipe import pipeline_modules
 from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sdxl
 
@@ -102,6 +105,34 @@ def test_cuda_graphs_switch_resolutions_without_growing_memory():
     assert torch.cuda.memory_reserved() == reserved
     assert pipe._onediffx_compile.graphed["unet"].captures == 2
 
+
+def _compiled_run_then_release() -> tuple[int, list]:
+    """Compile the tiny SDXL with CUDA graphs, generate twice, drop it: bytes left allocated, and
+    weak references to its UNet and every parameter of the pipeline."""
+    before = torch.cuda.memory_allocated()
+    pipe = tiny_sdxl().to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=True))
+    _generate(pipe), _generate(pipe)
+    refs = [weakref.ref(pipe.unet)] + [weakref.ref(p) for m in pipeline_modules(pipe) for p in m.parameters()]
+    del pipe
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before, refs
+
+
+def test_a_released_compiled_pipeline_leaves_nothing_allocated():
+    """A service that swaps models must get their memory back. The first pipeline may leave cuBLAS
+    workspaces (kept for the process's life, one per stream: the default one and the capture stream,
+    33 MiB each on an H200); a second one, built and released the same way, must leave nothing more,
+    and no parameter of either may survive."""
+    torch._dynamo.reset()
+    first, first_refs = _compiled_run_then_release()
+    second, second_refs = _compiled_run_then_release()
+    survivors = [ref() for ref in first_refs + second_refs if ref() is not None]
+    assert not survivors, [type(o).__name__ if isinstance(o, torch.nn.Module) else tuple(o.shape) for o in survivors[:5]]
+    assert first <= 96 * 2**20, first / 2**20  # at most two cuBLAS workspaces
+    assert second == 0, second / 2**20
 
 def test_deep_cache_passes_in_cuda_graphs_match_the_uncaptured_passes():
     from onediffx.deep_cache import StableDiffusionXLPipeline

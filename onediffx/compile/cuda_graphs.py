@@ -43,6 +43,20 @@ _UNGRAPHABLE = object()
 MAX_GRAPHS = 16
 PASS_GRAPHS = "_onediffx_pass_graphs"
 """Module attribute: DeepCache captures its passes in CUDA graphs (value: the passes' compile kwargs)."""
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream per device that every warm-up and capture runs on.
+
+    cuBLAS keeps a workspace for each stream it has run on (33 MiB on an H200) until the process
+    ends. A new stream per capture cost one workspace per captured graph, never given back: 200 MiB
+    for the tiny SDXL's six graphs, and a large part of the 2.74 GiB that releasing a compiled SDXL
+    pipeline left allocated on an H200 (``benchmarks/release_check.py``).
+    """
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
 
 
 def _tensors(value: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -153,7 +167,7 @@ class CudaGraphs:
     def _capture(self, device: torch.device, tensors: list[torch.Tensor], args: tuple, kwargs: dict) -> _Captured:
         inputs = [t.clone() for t in tensors]  # clone keeps strides of dense tensors
         s_args, s_kwargs = _rebuild((args, kwargs), iter(inputs))
-        stream = torch.cuda.Stream(device)
+        stream = _capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             self.fn(*s_args, **s_kwargs)  # libraries set up their workspaces on the capture stream
@@ -161,7 +175,7 @@ class CudaGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=self._pool, stream=stream):
             output = self.fn(*s_args, **s_kwargs)
         return _Captured(graph, inputs, output)
 
