@@ -347,19 +347,26 @@ def test_a_compile_gives_back_what_dynamos_guard_scope_kept():
 
     from onediffx.compile.dispatch import CompiledForward
 
-    def failed_evaluation() -> weakref.ref:
-        block = torch.nn.Linear(2, 2)
+    def failed_evaluation(block: torch.nn.Module) -> weakref.ref:
         try:  # as Dynamo does: the error is caught, the traceback dropped
             AttrSource(LocalSource("self"), "missing").get_value({"L": {"self": block}}, _get_closure_vars(), {})
         except AttributeError:
             pass
         return weakref.ref(block)
 
-    kept = failed_evaluation()
+    kept = failed_evaluation(torch.nn.Linear(2, 2))
     gc.collect()
     assert kept() is not None  # the torch bug: if this fails, torch fixed it and guard_scope.py can go
-    module = torch.nn.Linear(2, 2)
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
     forward = CompiledForward(module, {"backend": "inductor", "dynamic": False, "options": {}})
     torch.testing.assert_close(forward(torch.ones(1, 2)), module(torch.ones(1, 2)))
+    gc.collect()
+    assert kept() is None
+
+    # An evaluation outside onediffx's calls that parks a block of the compiled module: releasing
+    # the module lets it go.
+    kept = failed_evaluation(module[0])
+    del module, forward
+    gc.collect()
     gc.collect()
     assert kept() is None

@@ -27,7 +27,7 @@ from .backends import compile_kwargs, resolve_backend
 from .cuda_graphs import PASS_GRAPHS, GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 from .fused_qkv import fuse_qkv
-from .guard_scope import drop_guard_temporaries
+from .guard_scope import drop_guard_temporaries, drop_when_released
 from .options import as_options, compile_options  # noqa: F401  (compile_options: re-exported)
 from .postprocess import pil_on_device
 from .regions import REGIONS
@@ -151,6 +151,7 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
             handle.on_release = lambda h, path=path: _released(state, path)
         else:
             state.dynamo.append(path)
+            drop_when_released(module)  # (CompiledForward registers its own module)
         if options.cuda_graphs and device.type == "cuda" and backend == "inductor":
             _add_cuda_graphs(state, module, path, opts, handle)
     if options.cuda_graphs and device.type == "cuda" and not options.text_encoders:
