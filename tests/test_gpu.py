@@ -117,7 +117,6 @@ def _compiled_run_then_release() -> tuple[int, list]:
     refs = [weakref.ref(pipe.unet)] + [weakref.ref(p) for m in pipeline_modules(pipe) for p in m.parameters()]
     del pipe
     gc.collect()
-    gc.collect()  # what the first collection's finalizers (guard_scope.drop_when_released) let go
     torch.cuda.synchronize()
     return torch.cuda.memory_allocated() - before, refs
 

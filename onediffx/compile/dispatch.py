@@ -23,7 +23,7 @@ from torch import nn
 
 from ..hooks import COMPILED, ForwardHook, add_hook, remove_hook
 from .attention import attention_priority
-from .guard_scope import clean_guard_scope, drop_when_released
+from .guard_scope import clean_guard_scope
 from .guards import dispatch_key, portable_guards
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,6 @@ class CompiledForward:
         """True when an entry was compiled since the last save."""
         self._warned: set[str] = set()
         self.on_release: Optional[Callable[["CompiledForward"], None]] = None
-        drop_when_released(module)
 
     def __reduce__(self):
         # Dynamo pickles the module's attributes into a saved graph's guard state; this object
@@ -182,8 +181,7 @@ class CompiledForward:
 
     def serialize(self) -> list[bytes]:
         """One blob per compiled graph, for the graph cache."""
-        with clean_guard_scope():  # serializing evaluates the guards' sources again
-            return [type(e).serialize(e, {"forward": self.impl}).serialized_data for e in self.entries]
+        return [type(e).serialize(e, {"forward": self.impl}).serialized_data for e in self.entries]
 
     def load(self, blobs: list[bytes], signatures: list[list[Any]]) -> None:
         """Add graphs saved by ``serialize`` (in any process with the same key)."""

@@ -27,7 +27,7 @@ from .backends import compile_kwargs, resolve_backend
 from .cuda_graphs import PASS_GRAPHS, GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 from .fused_qkv import fuse_qkv
-from .guard_scope import drop_guard_temporaries, drop_when_released
+from .guard_scope import drop_guard_temporaries, install as install_guard_fix
 from .options import as_options, compile_options  # noqa: F401  (compile_options: re-exported)
 from .postprocess import pil_on_device
 from .regions import REGIONS
@@ -128,6 +128,7 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
     pipe._onediffx_compile = state
     if backend == "none":
         return pipe
+    install_guard_fix()  # Dynamo's lazy path builds guards too
     _prepare(pipe, options, device)
     if options.pil_on_device and getattr(pipe, "image_processor", None) is not None:
         pil_on_device(pipe.image_processor)
@@ -151,7 +152,6 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
             handle.on_release = lambda h, path=path: _released(state, path)
         else:
             state.dynamo.append(path)
-            drop_when_released(module)  # (CompiledForward registers its own module)
         if options.cuda_graphs and device.type == "cuda" and backend == "inductor":
             _add_cuda_graphs(state, module, path, opts, handle)
     if options.cuda_graphs and device.type == "cuda" and not options.text_encoders:
