@@ -37,13 +37,16 @@ def install() -> None:
         return
 
     @functools.wraps(original)
-    def get_value(self: Any, globals: dict, locals: dict, cache: dict) -> Any:
-        before = _temporaries(locals)
+    def get_value(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # (globals, locals[, cache]): the signature has changed across torch releases
+        scope = kwargs.get("locals", args[1] if len(args) > 1 else None)
+        before = _temporaries(scope) if isinstance(scope, dict) else set()
         try:
-            return original(self, globals, locals, cache)
+            return original(self, *args, **kwargs)
         except BaseException:
-            for key in _temporaries(locals) - before:
-                locals.pop(key, None)
+            if isinstance(scope, dict):
+                for key in _temporaries(scope) - before:
+                    scope.pop(key, None)
             raise
 
     get_value._onediffx_cleans_up = True
