@@ -32,13 +32,13 @@ def install() -> None:
     """Make a failed source evaluation take back the temporary it parked (idempotent)."""
     from torch._guards import ChainedSource
 
-    original = ChainedSource.get_value
-    if getattr(original, "_onediffx_cleans_up", False):
+    original = getattr(ChainedSource, "get_value", None)
+    if original is None or getattr(original, "_onediffx_cleans_up", False):
         return
 
     @functools.wraps(original)
     def get_value(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # (globals, locals[, cache]): the signature has changed across torch releases
+        # (globals, locals, ...): passed through as given, whatever a torch release adds
         scope = kwargs.get("locals", args[1] if len(args) > 1 else None)
         before = _temporaries(scope) if isinstance(scope, dict) else set()
         try:
