@@ -23,7 +23,7 @@ from torch import nn
 
 from ..hooks import COMPILED, ForwardHook, add_hook, remove_hook
 from .attention import attention_priority
-from .guard_scope import clean_guard_scope
+from .guard_scope import prepare_guard_scope
 from .guards import dispatch_key, portable_guards
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,8 @@ class CompiledForward:
         compiled = torch.compile(self.impl, **{**self.compile_kwargs, "options": options, "fullgraph": True})
         start = time.perf_counter()
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-        with torch.no_grad(), attention_priority(self.attention, device), clean_guard_scope():
+        prepare_guard_scope()
+        with torch.no_grad(), attention_priority(self.attention, device):
             entry = compiled.aot_compile(((module, *args), kwargs))
         self.compile_seconds.append(round(time.perf_counter() - start, 2))
         log.info("%s: compiled a graph for %s in %.1f s", self.name, signature_of(args, kwargs), self.compile_seconds[-1])
@@ -188,8 +189,8 @@ class CompiledForward:
         from torch.compiler import load_compiled_function
 
         for blob, signature in zip(blobs, signatures):
-            with clean_guard_scope():
-                entry = load_compiled_function(io.BytesIO(blob), external_data={"forward": self.impl})
+            prepare_guard_scope()
+            entry = load_compiled_function(io.BytesIO(blob), external_data={"forward": self.impl})
             entry.disable_guard_check()
             self.entries.append(entry)
             self.signatures.append(signature)

@@ -11,15 +11,14 @@ released (``benchmarks/release_check.py``, fourteenth session; SDXL's largest up
 bf16, and 2.61 GiB stayed allocated after the bench released a compiled SDXL).
 
 ``install`` wraps ``ChainedSource.get_value`` so that a failed evaluation removes what it parked, and
-``clean_guard_scope`` (around onediffx's compiles and loads) drops what was left before that.
+``prepare_guard_scope`` (before onediffx's compiles and loads) drops what was left before that.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
-from typing import Any, Iterator
+from typing import Any
 
 _TEMPORARY = re.compile(r"tmp\d*")
 
@@ -69,12 +68,8 @@ def drop_guard_temporaries() -> int:
         return dropped
 
 
-@contextlib.contextmanager
-def clean_guard_scope() -> Iterator[None]:
-    """Compile or load with the fix installed and nothing stale in Dynamo's scope to copy into guards."""
+def prepare_guard_scope() -> None:
+    """Before a compile or load: the fix installed, and nothing an earlier failure left in Dynamo's
+    scope for the new guards to copy. (Once installed, nothing new is left there afterwards.)"""
     install()
     drop_guard_temporaries()
-    try:
-        yield
-    finally:
-        drop_guard_temporaries()

@@ -27,7 +27,7 @@ from .backends import compile_kwargs, resolve_backend
 from .cuda_graphs import PASS_GRAPHS, GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 from .fused_qkv import fuse_qkv
-from .guard_scope import drop_guard_temporaries, install as install_guard_fix
+from .guard_scope import install as install_guard_fix
 from .options import as_options, compile_options  # noqa: F401  (compile_options: re-exported)
 from .postprocess import pil_on_device
 from .regions import REGIONS
@@ -186,7 +186,6 @@ def restore_eager(pipe: Any) -> int:
             module.__dict__.pop(REGIONS, None)
             module.__dict__.pop(PASS_GRAPHS, None)
     pipe._onediffx_compile = None
-    drop_guard_temporaries()  # Dynamo's lazy path may have left one of these modules in its scope
     return removed
 
 
