@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H200 calls of the ninth to eleventh sessions (gpu_session9.sh and gpu_session10.sh before), one per
+# The H200 calls of the ninth to fifteenth sessions (gpu_session9.sh and gpu_session10.sh before), one per
 # argument, each inside one 10-minute call.
 # `serve` after `fill` finds outputs/ (both caches) only if the machine was still warm (30 s idle);
 # otherwise it unpacks the onediffx graphs carried in outputs/carry and the peer starts cold. In the
@@ -19,12 +19,13 @@
 # SERVE_TIMEOUT (default 560 s) shortens serve for a call with less device time left: the twelfth session's
 # last call, `SERVE_TIMEOUT=400 ... serve bench.serve_sizes=1 bench.serve_peer_mode=reduce-overhead ...`.
 # Arguments after the first are extra overrides for `serve` (the eleventh session: 'bench.serve_concurrency=[1,16]').
-#   quantize: quantize=off and fp8 beside the diffusers-docs recipe (the same-dtype fp8 quality figure),
-#             compiled in process; packs the graphs to carry. fp8 peaked at 9.53 GiB compiled in process
-#             (tenth session) and at 6.38 GiB loaded from the cache (seventh).
-#   quantize-again: the same bench from the carried graphs (the thirteenth session packed them without
-#             graphs.key, so its signatures did not verify: the entries were quarantined and recompiled), then the quantization GPU tests beside
-#             benchmarks/release_check.py (what a released pipeline leaves allocated; thirteenth session).
+#   quantize: quantize=off and fp8 beside the diffusers-docs recipe, in one call (fifteenth session: 297 s).
+#             `onediffx run quantize=fp8` compiles and saves the fp8 graphs in a second process while the
+#             bench runs eager, the recipe and quantize=off; the bench's fp8 row then loads them
+#             (cache_hit true, first call 1.76 s). Compiled in the bench's own process, the fp8 row did
+#             not fit a 10-minute call (fourteenth session). The fill is niced and its GPU work is one
+#             image at the end of its compile; the bench's rows were timed beside it.
+#   profile:  benchmarks/step_profile.py, unquantized then fp8, compiled side by side, profiled in turn.
 set -u
 cd "$(dirname "$0")/.."
 export ONEDIFFX_CACHE_KEY=$PWD/outputs/graphs.key PYTHONUNBUFFERED=1
@@ -49,27 +50,24 @@ case "${1:-}" in
     echo "serve rc=$?"; tar czf "$OUT/serve-logs.tgz" -C "$OUT/serve" serve-logs && rm -rf "$OUT/serve/serve-logs"
     tar czf - -C outputs peer-inductor | split -b 15m - "$OUT/peer-inductor.tgz."  # the peer's warm cache, to carry
     grep "serve row\|ready in" "$OUT/serve.log" | cut -c1-420 ;;
-  quantize|quantize-again)
-    # quantize: off and fp8 beside the recipe, compiled in process; packs their graphs to carry.
-    # quantize-again: the same bench loading those graphs (carried in outputs/carry/qgraphs.tgz.*),
-    # then the GPU tests of quantization, fused projections and CUDA-graph LoRA.
+  quantize)
     Q=$PWD/outputs/qgraphs
-    if [ "$1" = quantize-again ] && [ ! -d "$Q" ]; then cat outputs/carry/qgraphs.tgz.* | tar xzf - -C outputs || exit 1; fi
-    timeout "${QUANTIZE_TIMEOUT:-560}" python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
-      'bench.quantize_modes=[fp8]' "cache.dir=$Q" hydra.run.dir="$OUT/$1" "${@:2}" > "$OUT/$1.log" 2>&1
-    echo "$1 rc=$?"
-    grep "bench quantize row" "$OUT/$1.log" | python3 -c 'import sys, json
+    (timeout 400 nice python3 -m onediffx run model=sdxl model.synthetic=true quantize=fp8 compile=inductor \
+      "cache.dir=$Q" hydra.run.dir="$OUT/fill" > "$OUT/fill.log" 2>&1; echo "fill rc=$? at $SECONDS s" >> "$OUT/fill.log") &
+    sleep 5
+    timeout "${QUANTIZE_TIMEOUT:-545}" python3 -m onediffx bench model=sdxl model.synthetic=true 'bench.scenarios=[quantize]' \
+      'bench.quantize_modes=[fp8]' "cache.dir=$Q" hydra.run.dir="$OUT/bench" "${@:2}" > "$OUT/quantize.log" 2>&1
+    echo "bench rc=$? at $SECONDS s"; wait; tail -1 "$OUT/fill.log"
+    grep "bench quantize row" "$OUT/quantize.log" | python3 -c 'import sys, json
 for line in sys.stdin:
     r = json.loads(line.split("row: ", 1)[1])
-    print(r.get("method"), {k: r.get(k) for k in ("e2e_s", "unet_step_ms", "first_call_s", "peak_gib", "resident_gib",
-          "cache_hit", "compile_s", "weight_mib", "lora_switch_ms", "lora_unfuse_exact", "error")})'
-    grep "still allocated" "$OUT/$1.log" | cut -c1-200
-    if [ "$1" = quantize ]; then tar czf - -C outputs qgraphs graphs.key | split -b 15m - "$OUT/qgraphs.tgz."; ls -la "$OUT"; fi
-    if [ "$1" = quantize-again ]; then
-      timeout 200 python3 benchmarks/release_check.py > "$OUT/release-check.log" 2>&1 &
-      timeout 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize.py \
-        tests/test_gpu.py -k "fp8 or lora_fusing" > "$OUT/gpu-tests.log" 2>&1
-      echo "gpu tests rc=$?"; tail -4 "$OUT/gpu-tests.log"; wait; grep "release check" "$OUT/release-check.log"
-    fi ;;
-  *) echo "usage: $0 fill|serve|quantize|quantize-again" >&2; exit 2 ;;
+    print(r.get("method"), {k: r.get(k) for k in ("e2e_s", "unet_step_ms", "first_call_s", "peak_gib", "own_peak_gib",
+          "left_by_earlier_rows_gib", "cache_hit", "compile_s", "weight_mib", "lora_switch_ms", "lora_unfuse_exact", "error")})'
+    grep "still allocated" "$OUT/quantize.log" | cut -c1-200 ;;
+  profile)
+    P="timeout 520 python3 benchmarks/step_profile.py"
+    ($P off "$OUT/off.json" > "$OUT/off.log" 2>&1; touch "$OUT/off.ended") &
+    $P fp8 "$OUT/fp8.json" --after "$OUT/off.ended" > "$OUT/fp8.log" 2>&1; wait
+    grep -h "step profile" "$OUT"/*.log; rm -f "$OUT"/*.done "$OUT"/*.ended ;;
+  *) echo "usage: $0 fill|serve|quantize|profile" >&2; exit 2 ;;
 esac
