@@ -441,6 +441,38 @@ def test_fp8_activation_bound_turns_a_zero_row_from_nan_into_zeros():
     assert torch.isnan(Float8Tensor.from_hp(weight, granularity=config.granularity[1]).dequantize()[7]).all()
 
 
+@pytest.mark.parametrize("mode", ["fp8", "fp8_weight_only"])
+def test_requantizing_an_fp8_weight_gives_torchaos_bits_without_torchaos_module_path(mode, monkeypatch):
+    """A LoRA switch re-quantizes every weight it touches; fp8 weights take torchao's scale and cast
+    functions directly. The oracle: torchao's own ``quantize_`` handler on the same new weight."""
+    import torchao.quantization.quant_api as quant_api
+
+    from onediffx.quantize import weights
+    from onediffx.quantize.modes import torchao_config
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *_: None)  # fp8 math runs on the CPU too
+    config = torchao_config(mode)
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(weights.quantize_tensor(config, torch.randn(64, 96, dtype=torch.bfloat16)),
+                               requires_grad=False)
+    record = weights.QuantizedWeight("unet.layer", config, torch.bfloat16, None)  # held weakly by the registry
+    weights.register(param, record)
+    storage = [t.data_ptr() for t in inner_tensors(param)]
+    fused = torch.randn(64, 96) * 3  # float32, as the LoRA fuse hands it over
+    expected = inner_tensors(weights.quantize_tensor(config, fused.to(torch.bfloat16)))
+
+    def handler_path(*_):
+        raise AssertionError("an fp8 weight went through torchao's per-module path")
+
+    monkeypatch.setattr(weights, "quantize_tensor", handler_path)
+    weights.requantize(param, fused)
+    got = inner_tensors(param)
+    assert [t.data_ptr() for t in got] == storage  # written in place: compiled graphs read these tensors
+    assert all(torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           e.view(torch.uint8) if e.dtype == torch.float8_e4m3fn else e)
+               for g, e in zip(got, expected, strict=True))
+
+
 def test_selection_of_cross_attention_kv_and_of_zero_weight_rows_in_fp8():
     from onediffx.compile.fused_qkv import fuse_qkv
     from onediffx.quantize.select import select

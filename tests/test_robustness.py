@@ -201,7 +201,11 @@ def test_second_batch_on_a_held_folder_fails_at_once_and_nothing_is_duplicated(t
     first = _start(tmp_path, *args)
     _wait_for(lambda: (out / ".onediffx.lock").is_file() and (out / ".hydra" / "overrides.yaml").is_file(), first)
     overrides = (out / ".hydra" / "overrides.yaml").read_text()
-    second = run_cli("run", *args, "resume=true", cwd=tmp_path)
+    os.killpg(first.pid, signal.SIGSTOP)  # still alive and holding the folder, however slow the second start
+    try:
+        second = run_cli("run", *args, "resume=true", cwd=tmp_path)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and _errors(second) == [
         f"onediffx: error: output folder {out} is in use by another onediffx run (pid {first.pid}); "
         "wait for it to finish, or choose another hydra.run.dir"]
