@@ -380,6 +380,39 @@ def test_a_hit_that_compiles_is_reported_as_a_miss_and_saved_anew(compiled, comp
 
 
 @pytest.mark.slow
+def test_kernels_another_process_builds_during_a_load_do_not_turn_a_hit_into_a_rebuild(compiled, compose_run,
+                                                                                      tmp_path, monkeypatch):
+    """Inductor's cache folder is shared (a parallel fill, a second replica, parallel tests): a kernel
+    another process writes there while this one loads is not one this load rebuilt. It made CI's
+    launch test report "kernels rebuilt" on a hit when two test workers ran side by side."""
+    from onediffx.compile import dispatch
+    from onediffx.graph_cache.kernels import inductor_cache_dir
+    from onediffx.resolver import assemble
+
+    cache_dir = tmp_path / "graphs"
+    shutil.copytree(compiled["cache_dir"], cache_dir)
+    other = inductor_cache_dir() / "zz" / ("c" + "0" * 51 + ".so")  # named as Inductor names its kernels
+    load, written = dispatch.CompiledForward.load, []
+
+    def load_beside_another_process(self, blobs, signatures):
+        other.parent.mkdir(parents=True, exist_ok=True)
+        other.write_bytes(b"not ours")
+        written.append(other)
+        return load(self, blobs, signatures)
+
+    monkeypatch.setattr(dispatch.CompiledForward, "load", load_beside_another_process)
+    try:
+        asm = assemble(compose_run("compile=inductor", "compile.components=[unet]", f"cache.dir={cache_dir}",
+                                   f"cache.key_file={compiled['key_file']}", "steps=2", "height=64", "width=64"))
+        asm.close()
+    finally:
+        other.unlink(missing_ok=True)
+    assert written  # the other process's kernel did appear during the load
+    load = asm.report["load-graph"]
+    assert load["hit"] is True and load["components"]["unet"]["kernels_built"] == 0, load
+
+
+@pytest.mark.slow
 def test_restart_with_another_thread_count_and_an_empty_inductor_cache(compiled, tmp_path):
     """Saved with 2 threads, started with 1: a miss that compiles and saves (never a "hit" that
     compiles); the next start with 1 thread and an emptied Inductor cache folder is a hit that

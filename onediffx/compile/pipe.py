@@ -345,7 +345,9 @@ def load_pipe(pipe: Any, dir: str = "cached_pipe", *, trusted: bool = False,
             cache.discard(loaded.path, f"{type(err).__name__}: {err}".splitlines()[0])
             found[path] = {"hit": False, "reason": cache.last_miss}
             continue
-        built = len(inductor_kernels.present() - before)
+        new = inductor_kernels.present() - before
+        ours = inductor_kernels.mapped()  # the folder is shared: count only what this process built and loaded
+        built = len(new if ours is None else new & ours.keys())
         # Where a restart's seconds go: reading and verifying the files, or deserializing the graphs.
         seconds = {"read_s": round(read_s, 3), "load_s": round(time.perf_counter() - start - read_s, 3)}
         found[path] = {"hit": not built, "graphs": len(loaded.blobs), "signatures": loaded.signatures,

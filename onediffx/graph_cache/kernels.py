@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from .manifest import KERNEL_TARGET
 
@@ -56,26 +57,35 @@ def built_here() -> dict[str, Path]:
     return found
 
 
-def in_use() -> dict[str, Path]:
-    """Kernels this process loaded (``/proc/self/maps``) or built: what its graphs call.
+def mapped() -> Optional[dict[str, Path]]:
+    """Kernels loaded into this process (``/proc/self/maps``); ``None`` where ``/proc`` is missing.
 
-    Mapped libraries cover kernels that an earlier process built; built ones cover Inductor's
-    ISA probes, which it loads in a subprocess. Where ``/proc`` is missing, built ones only.
+    Unlike the folder's contents, this is this process's alone: other processes sharing Inductor's
+    folder (a parallel fill, a second replica) write kernels into it at any time.
     """
     root = inductor_cache_dir()
-    found = built_here()
     prefix = os.path.realpath(root) + os.sep
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = {line.split(None, 5)[-1].strip() for line in maps if ".so" in line}
     except OSError:
-        return found
-    for mapped in paths:
-        if mapped.startswith(prefix):
-            target = mapped[len(prefix):]
-            if KERNEL_TARGET.fullmatch(target) and os.path.isfile(mapped):
-                found[target] = Path(mapped)
+        return None
+    found = {}
+    for path in paths:
+        if path.startswith(prefix):
+            target = path[len(prefix):]
+            if KERNEL_TARGET.fullmatch(target) and os.path.isfile(path):
+                found[target] = Path(path)
     return found
+
+
+def in_use() -> dict[str, Path]:
+    """Kernels this process loaded or built: what its graphs call.
+
+    Mapped libraries cover kernels that an earlier process built; built ones cover Inductor's
+    ISA probes, which it loads in a subprocess. Where ``/proc`` is missing, built ones only.
+    """
+    return {**built_here(), **(mapped() or {})}
 
 
 def restore(kernels: list[tuple[str, bytes]]) -> int:
