@@ -40,7 +40,7 @@ def test_tiny_launch_runs_and_reports_its_startup(tmp_path):
     stages = metrics["stages"]
     assert stages["warmup"]["shapes"] == [[64, 64, 1]]  # the launch's shapes were prepared
     (call,) = stages["warmup"]["call_seconds"]  # each warm-up call's own time, inside the stage's
-    assert 0 < call <= stages["warmup"]["seconds"]
+    assert 0 < call <= stages["warmup"]["seconds"] + 5e-4  # call_seconds are rounded to the millisecond
     assert metrics["startup"] == {"seconds": pytest.approx(sum(f.get("seconds", 0) for f in stages.values())),
                                   "compile": "off", "graph_cache": "off"}
     out = proc.stdout
