@@ -473,6 +473,64 @@ def test_requantizing_an_fp8_weight_gives_torchaos_bits_without_torchaos_module_
                for g, e in zip(got, expected, strict=True))
 
 
+@pytest.mark.parametrize("run_elements", [None, 4096], ids=["one-run-a-width", "small-runs"])
+def test_fp8_lora_switches_stack_their_weights_and_give_each_weights_own_bits(run_elements, tmp_path, monkeypatch):
+    """A switch on fp8 weights fuses them as rows of shared buffers and quantizes each buffer once,
+    the parts of a fused q/k/v copy at their rows of it. The oracle, per quantized weight: its
+    high-precision original plus each term, summed in float32 one weight at a time, then torchao's
+    own ``quantize_`` handler. The high-precision originals (the parts' memory) never change."""
+    import torchao.quantization.quant_api as quant_api
+
+    from onediffx.lora import fuse as lora_fuse
+    from onediffx.quantize import weights
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *_: None)  # fp8 math runs on the CPU too
+    if run_elements:
+        monkeypatch.setattr(lora_fuse, "STACK_ELEMENTS", run_elements)
+    pipe = _quiet(tiny_sdxl()).to(dtype=torch.bfloat16)
+    targets = lora_targets(pipe, components=("unet",))
+    sources = [save_kohya(random_lora(targets, 2 + i, seed=30 + i, strength=0.5), tmp_path / f"f{i}.safetensors")
+               for i in range(2)]
+    quantize_pipe(pipe, "fp8_weight_only")
+    before = _quantized(pipe)
+    records = {id(p): record_of(p) for p in pipe.unet.parameters() if is_quantized(p)}
+    originals = {k: r.original.clone() for k, r in records.items()}
+    for name, source in zip("ab", sources):
+        lora.load_lora_and_optionally_fuse(pipe, str(source), name, fuse=False, offload_device="cpu")
+
+    def one_at_a_time(name: str, weight: float) -> dict:
+        sums = {}
+        for target in lora.fuse.state_of(pipe).adapters[name].targets.values():
+            param = target.param
+            if id(param) not in records:  # left in high precision: fused as any other weight
+                continue
+            acc = sums.setdefault(id(param), (param, records[id(param)].original.float()))[1]
+            up, down = target.up.float(), target.down.float()
+            acc[target.row:target.row + up.shape[0]].addmm_(up, down.reshape(up.shape[1], -1), alpha=weight * target.scale)
+        return {id(param): inner_tensors(weights.quantize_tensor(records[id(param)].config, acc.to(torch.bfloat16)))
+                for param, acc in sums.values()}
+
+    def bits(tensors: list) -> list:
+        return [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in tensors]
+
+    def one_weight_path(*_):
+        raise AssertionError("an fp8 weight was re-quantized on its own")
+
+    monkeypatch.setattr(lora_fuse, "_write_quantized_one", one_weight_path)
+    into = [t for t in lora.fuse.state_of(pipe).adapters["a"].targets.values() if t.into]
+    assert len(into) >= 8 and {t.row for t in into} > {0}, "q/k/v LoRAs go to rows of the fused copies"
+    for name, weight in [("a", 0.8), ("b", -0.6), ("a", 0.8)]:
+        lora.set_and_fuse_adapters(pipe, [name], [weight])
+        expected = one_at_a_time(name, weight)
+        assert len(expected) > 20
+        for key, tensors in expected.items():
+            param = next(p for p in pipe.unet.parameters() if id(p) == key)
+            assert all(torch.equal(g, e) for g, e in zip(bits(inner_tensors(param)), bits(tensors), strict=True))
+    assert all(torch.equal(records[k].original, v) for k, v in originals.items()), "the originals must not change"
+    lora.unfuse_lora(pipe)
+    assert _same(_quantized(pipe), before), "unfuse must restore the quantized weights bit for bit"
+
+
 def test_selection_of_cross_attention_kv_and_of_zero_weight_rows_in_fp8():
     from onediffx.compile.fused_qkv import fuse_qkv
     from onediffx.quantize.select import select

@@ -40,6 +40,20 @@ def projections(attention: nn.Module) -> tuple[Optional[nn.Linear], list[nn.Line
     return getattr(attention, "to_qkv", None), [attention.to_q, attention.to_k, attention.to_v]
 
 
+def row_in_copy(attention: nn.Module, part: nn.Module) -> Optional[tuple[str, int]]:
+    """(the fused copy's name in ``attention``, the first row of ``part`` in it), when ``part`` is one
+    of the projections ``attention`` computes with a fused copy of; else ``None``."""
+    if not getattr(attention, "fused_projections", False):
+        return None
+    fused, parts = projections(attention)
+    row = 0
+    for candidate in parts if fused is not None else ():
+        if candidate is part:
+            return ("to_kv" if len(parts) == 2 else "to_qkv"), row
+        row += candidate.weight.shape[0]
+    return None
+
+
 def _rows(base: torch.Tensor, start: int, rows: int) -> torch.Tensor:
     """Rows ``start:start + rows`` of ``base``, as a tensor of its own over the same memory.
 
@@ -67,7 +81,7 @@ def share_rows(fused: nn.Linear, parts: list[nn.Linear], source: Optional[torch.
         row += rows
 
 
-def _stacked(parts: list[nn.Linear], base: torch.Tensor) -> bool:
+def stacked_on(parts: list[nn.Linear], base: torch.Tensor) -> bool:
     """Whether the parts' weights lie in ``base``'s memory, one after another from ``base``'s first row."""
     storage, offset = base.untyped_storage().data_ptr(), base.storage_offset()
     for part in parts:
@@ -83,7 +97,7 @@ def joined(parts: list[nn.Linear]) -> torch.Tensor:
     """The parts' weights stacked in row order: the memory they share when ``share_rows`` put them
     one after another, else a concatenated copy."""
     first = parts[0].weight.detach()
-    if first.is_contiguous() and _stacked(parts, first):
+    if first.is_contiguous() and stacked_on(parts, first):
         return _rows(first, 0, sum(part.weight.shape[0] for part in parts))
     return torch.cat([part.weight for part in parts])
 
@@ -91,7 +105,7 @@ def joined(parts: list[nn.Linear]) -> torch.Tensor:
 def shares_rows(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
     """Whether the parts' weights are the fused weight's rows (``share_rows``, not undone by a ``.to``)."""
     weight = fused.weight
-    return not hasattr(weight, "tensor_data_names") and weight.is_contiguous() and _stacked(parts, weight)
+    return not hasattr(weight, "tensor_data_names") and weight.is_contiguous() and stacked_on(parts, weight)
 
 
 def fuse_qkv(module: nn.Module) -> int:

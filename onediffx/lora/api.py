@@ -99,7 +99,7 @@ def load_lora_and_optionally_fuse(
         weights = dict(state.active)
         weights[name] = 1.0 if lora_scale is None else float(lora_scale)
         _fuse.fuse(state, weights, offload_device)
-        _sync_fused(pipeline, state.projection_versions)
+        _sync_fused(pipeline, state)
     if offload_weight == "lora":
         _offload_factors(adapter, _fuse.resolve_offload(offload_device, next(iter(adapter.targets.values())).up))
     log.debug("loaded LoRA %s as %r: %d layers", raw.label, name, len(adapter.targets))
@@ -131,7 +131,7 @@ def unfuse_lora(pipeline: Any) -> None:
     """
     state = _fuse.state_of(pipeline)
     _fuse.unfuse(state)
-    _sync_fused(pipeline, state.projection_versions)
+    _sync_fused(pipeline, state)
 
 
 def _names(adapter_names: Union[List[str], str, None]) -> List[str]:
@@ -167,7 +167,7 @@ def set_and_fuse_adapters(
             continue
         chosen[name] = weight
     _fuse.fuse(state, chosen, state.offload_device)
-    _sync_fused(pipeline, state.projection_versions)
+    _sync_fused(pipeline, state)
 
 
 def delete_adapters(pipeline: Any, adapter_names: Union[List[str], str, None] = None) -> None:
@@ -181,7 +181,7 @@ def delete_adapters(pipeline: Any, adapter_names: Union[List[str], str, None] = 
     remaining = {n: w for n, w in state.active.items() if n not in names}
     if len(remaining) != len(state.active):
         _fuse.fuse(state, remaining, state.offload_device)
-        _sync_fused(pipeline, state.projection_versions)
+        _sync_fused(pipeline, state)
     for name in names:
         state.adapters.pop(name, None)
     if not state.adapters:

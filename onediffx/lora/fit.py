@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..compile.fused_qkv import row_in_copy
 from ..quantize.weights import record_of
 from .errors import LoraError, LoraMismatchError
 from .formats import LoraLayer, TargetKey
@@ -28,6 +29,7 @@ class Target:
     """A pipeline weight a LoRA changes, with the LoRA's factors flattened for one matmul."""
 
     param: torch.nn.Parameter
+    """The weight the update is added to: the layer's own, or the quantized fused copy its rows are in (``into``)."""
     up: torch.Tensor
     """(out, rank): the file's dtype when it is the weight's, else float32 (see ``factor_dtype``)."""
     down: torch.Tensor
@@ -35,6 +37,12 @@ class Target:
     scale: float
     float32: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
     """float32 copies of fp16/bf16 factors, made the first time the float32 path needs them (see fuse)."""
+    into: Optional[TargetKey] = None
+    """The quantized fused q/k/v copy (``to_qkv``/``to_kv``) whose rows this layer's projection is, when
+    it is one: fusing then re-quantizes the copy from its high-precision original plus the update of
+    each of its parts, on the device, and the separate projection (that original's rows) is not written."""
+    row: int = 0
+    """The first of this layer's rows in ``param``: non-zero only for a part of a fused copy (``into``)."""
 
 
 def _flat(factor: torch.Tensor, weight: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -102,6 +110,25 @@ class _ModuleIndex:
         return self._found[key]
 
 
+def _quantized_copy(index: _ModuleIndex, component: str, parent: str, module: torch.nn.Module
+                    ) -> Optional[Tuple[TargetKey, int, torch.nn.Parameter]]:
+    """(key, first row, weight) of the quantized fused copy that ``module`` is a part of, if any.
+
+    Only copies whose high-precision original was kept: without one, the separate projection is the
+    only high-precision copy, and fusing writes it and re-quantizes the copy from it (``fused_projections``).
+    """
+    attention = index.get(component, parent)
+    found = row_in_copy(attention, module) if attention is not None else None
+    if found is None:
+        return None
+    name, row = found
+    weight = getattr(attention, name).weight
+    record = record_of(weight)
+    if record is None or record.original is None:
+        return None
+    return (component, f"{parent}.{name}" if parent else name), row, weight
+
+
 def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: torch.device
         ) -> Dict[TargetKey, Target]:
     """Match every layer to a pipeline weight; ``LoraMismatchError`` if any does not match."""
@@ -133,8 +160,11 @@ def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: t
         if why:
             mismatched.append(f"{component}.{path} ({why})")
             continue
-        targets[(component, path)] = Target(weight, _flat(layer.up, weight, device), _flat(layer.down, weight, device),
-                                            layer.scale)
+        target = Target(weight, _flat(layer.up, weight, device), _flat(layer.down, weight, device), layer.scale)
+        copy = _quantized_copy(index, component, parent, module)
+        if copy is not None:
+            target.into, target.row, target.param = copy
+        targets[(component, path)] = target
     if missing or mismatched:
         parts = []
         if missing:

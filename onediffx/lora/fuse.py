@@ -27,13 +27,16 @@ the new ``W0``.
 Quantized weights (``onediffx.quantize``) are fused from their high-precision originals, which
 quantization kept: ``W = quantize(W0_hp + sum ...)``, re-quantized with the layer's own recipe into
 the quantized tensors' own storage; the quantized ``W0`` is saved first and unfusing copies it back,
-bit for bit.
+bit for bit. fp8 weights are fused and re-quantized many at a time (``_write_quantized``), and the
+q/k/v projections of a quantized fused copy are fused into the copy's rows (``fit.Target.into``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -71,6 +74,9 @@ class LoraState:
     """Where new ``W0`` copies go; set by the last load, used by later switches."""
     projection_versions: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     """Per fused attention, its parts' versions when last copied into the fused projection."""
+    attentions: Optional[Tuple[Tuple[int, ...], List[torch.nn.Module]]] = None
+    """The pipeline's attention modules, found once per set of components (by ``id``): each switch
+    checks them for fused projections, and walking every module of SDXL costs ~15 ms."""
     quantized: Dict[TargetKey, List[torch.Tensor]] = field(default_factory=dict)
     """Quantized weights: their quantized ``W0`` (inner tensors), put back on unfuse; ``originals``
     then holds the high-precision ``W0`` that fusing computes from."""
@@ -109,13 +115,13 @@ BACKUP_CHUNK = 2**30
 
 
 def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
-    """``dst[i].copy_(src[i])`` for all i (one device), as a few multi-tensor kernels where PyTorch has them."""
-    foreach_copy = getattr(torch, "_foreach_copy_", None)
-    if foreach_copy is not None:
-        foreach_copy(dst, src)
-    else:  # pragma: no cover - torch without _foreach_copy_
+    """``dst[i].copy_(src[i])`` for all i: a few multi-tensor kernels when all are on one device, else
+    one asynchronous copy each (from pinned host memory they do not wait for each other)."""
+    if all(d.device == s.device for d, s in zip(dst, src)):
+        torch._foreach_copy_(dst, src)
+    else:
         for d, s in zip(dst, src):
-            d.copy_(s)
+            d.copy_(s, non_blocking=True)
 
 
 def _needs_backup(state: LoraState, key: TargetKey, param: torch.nn.Parameter) -> bool:
@@ -145,7 +151,7 @@ def _back_up(state: LoraState, params: Dict[TargetKey, torch.nn.Parameter], offl
         else:
             state.originals[key] = _copy_to(param.detach(), offloads[param.device])
     for (device, dtype), keys in groups.items():
-        for chunk in _chunks(keys, params, BACKUP_CHUNK // dtype.itemsize):
+        for chunk in _chunks(keys, lambda k: params[k].numel(), BACKUP_CHUNK // dtype.itemsize):
             flat = torch.empty(sum(params[k].numel() for k in chunk), dtype=dtype, device=device)
             views, start = [], 0
             for key in chunk:
@@ -170,18 +176,17 @@ def _back_up_quantized(state: LoraState, key: TargetKey, param: torch.nn.Paramet
     state.originals[key] = record.original
 
 
-def _chunks(keys: List[TargetKey], params: Dict[TargetKey, torch.nn.Parameter], limit: int
-            ) -> Iterable[List[TargetKey]]:
-    """``keys`` in runs of at most ``limit`` elements (a bigger weight gets a run of its own)."""
-    run: List[TargetKey] = []
-    size = 0
-    for key in keys:
-        n = params[key].numel()
-        if run and size + n > limit:
+def _chunks(items: list, size: Callable[[Any], int], limit: int) -> Iterable[list]:
+    """``items`` in runs of at most ``limit`` in ``size`` (a bigger item gets a run of its own)."""
+    run: list = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if run and total + n > limit:
             yield run
-            run, size = [], 0
-        run.append(key)
-        size += n
+            run, total = [], 0
+        run.append(item)
+        total += n
     if run:
         yield run
 
@@ -195,25 +200,27 @@ def fuse(state: LoraState, weights: Dict[str, float], offload_device: str = "cpu
     """
     weights = {n: w for n, w in weights.items() if w != 0}
     changed = {n for n in set(state.active) | set(weights) if state.active.get(n, 0) != weights.get(n, 0)}
-    dirty = set()
+    dirty = set()  # keys of the weights written: a part of a quantized fused copy writes the copy (Target.into)
     for name in changed:
-        dirty.update(state.adapters[name].targets)
+        dirty.update(target.into or key for key, target in state.adapters[name].targets.items())
     plan: Dict[TargetKey, list] = {}
     for name, adapter in state.adapters.items():
         if name in weights:
             for key, target in adapter.targets.items():
-                if key in dirty:
-                    plan.setdefault(key, []).append((target, weights[name] * target.scale))
+                if (target.into or key) in dirty:
+                    plan.setdefault(target.into or key, []).append((target, weights[name] * target.scale))
     with torch.no_grad():
         _restore_all(state, [k for k in dirty if k in state.fused and k not in plan])
         params = {key: terms[0][0].param for key, terms in plan.items()}
         _back_up(state, {k: p for k, p in params.items() if _needs_backup(state, k, p)}, offload_device)
+        requantized = []
         for key, terms in plan.items():
-            param = params[key]
             if key in state.quantized:
-                _write_quantized(param, state.originals[key], terms)
+                requantized.append((params[key], state.originals[key], terms))
             else:  # Not fused now (just backed up, restored, or never fused): the weight equals W0 already.
-                _write(param, None if key not in state.fused else state.originals[key], terms)
+                _write(params[key], None if key not in state.fused else state.originals[key], terms)
+        _write_quantized(requantized)
+        for key, param in params.items():
             state.written[key] = param._version
             state.fused.add(key)
     state.active = {n: weights[n] for n in state.adapters if n in weights}
@@ -275,13 +282,80 @@ def _write_float32(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> 
     param.copy_(acc.view(param.shape))
 
 
-def _write_quantized(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> None:
-    """``param = quantize(W0 + sum(coef * up @ down))`` from the high-precision ``W0``, sum in float32."""
+STACK_ELEMENTS = 2**24
+"""Elements of the float32 buffer quantized weights are fused in together: 64 MiB, about 350 MiB with
+the temporaries of quantizing it, which is what SDXL's largest weight took on its own before. About
+180 runs for a switch on SDXL."""
+
+
+def _write_quantized(items: List[Tuple[torch.nn.Parameter, torch.Tensor, list]]) -> None:
+    """``param = quantize(W0 + sum(coef * up @ down))`` for each (param, high-precision ``W0``, terms).
+
+    Weights that ``quantized.stack_key`` says can be re-quantized together are fused as rows of one
+    float32 buffer per run: their ``W0`` copied in (``_staged``), each term added into its rows (a
+    part of a fused q/k/v copy at its ``row``), then one scale and cast for the run. Per weight that
+    leaves a copy and a matmul per term, where re-quantizing alone costs about ten kernels; the
+    float32 sum is the same as ``_write_float32``'s.
+    """
+    groups: Dict[tuple, list] = {}
+    for item in items:
+        key = quantized.stack_key(item[0])
+        if key is None:
+            _write_quantized_one(*item)
+        else:
+            groups.setdefault(key, []).append(item)
+    for (device, dtype, _, width), group in groups.items():
+        runs = list(_chunks(group, lambda item: item[1].shape[0] * width, STACK_ELEMENTS))
+        for run, staged in _staged(runs, device, dtype, width):
+            acc = staged.float()
+            for rows, (_, _, terms) in zip(acc.split([w0.shape[0] for _, w0, _ in run]), run):
+                for target, coef in terms:
+                    rows[target.row:target.row + target.up.shape[0]].addmm_(*_float32_factors(target, device), alpha=coef)
+            quantized.requantize_rows([param for param, _, _ in run], acc)
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _staged(runs: List[list], device: torch.device, dtype: torch.dtype, width: int
+            ) -> Iterator[Tuple[list, torch.Tensor]]:
+    """Each run with its ``W0`` copied into one (rows, width) buffer.
+
+    From pinned host memory (``keep_originals=cpu``) the next run's copy runs on a side stream while
+    this run computes: on the same stream the copies and the math would take turns, and the copies
+    alone take as long as the math (SDXL: ~2 GB over PCIe, ~80 ms on an H200). Each buffer comes
+    from the side stream's pool and is marked as used by the compute stream before it is read.
+    """
+    side = _copy_stream(device) if device.type == "cuda" and runs[0][0][1].device.type == "cpu" else None
+
+    def stage(run: list) -> Tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            sizes = [w0.shape[0] for _, w0, _ in run]
+            staged = torch.empty(sum(sizes), width, dtype=dtype, device=device)
+            _copy_all(list(staged.split(sizes)), [w0 for _, w0, _ in run])
+            return staged, side.record_event() if side is not None else None
+
+    ahead = stage(runs[0])
+    for i, run in enumerate(runs):
+        staged, copied = ahead
+        if i + 1 < len(runs):
+            ahead = stage(runs[i + 1])
+        if copied is not None:
+            compute = torch.cuda.current_stream(device)
+            compute.wait_event(copied)
+            staged.record_stream(compute)
+        yield run, staged
+
+
+def _write_quantized_one(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> None:
+    """One weight of ``_write_quantized`` that cannot be stacked (int8, per-tensor scales), on its own."""
     device = param.device
     acc = w0.to(device=device, dtype=torch.float32, non_blocking=True, copy=True,
                 memory_format=torch.contiguous_format).view(param.shape[0], -1)
     for target, coef in terms:
-        acc.addmm_(*_float32_factors(target, device), alpha=coef)
+        acc[target.row:target.row + target.up.shape[0]].addmm_(*_float32_factors(target, device), alpha=coef)
     quantized.requantize(param, acc.view(param.shape))
 
 

@@ -7,40 +7,54 @@ projections and onediffx fuses into those, so without this module a LoRA fused a
 change weights nothing reads. ``sync`` copies the separate weights into the fused one, in place,
 so compiled graphs and CUDA graphs read the result; only attentions whose projections changed
 since the last sync are copied. Projections onediffx fused share the copy's memory
-(``compile.fused_qkv.share_rows``) and need no copy; a quantized copy is re-quantized from them.
+(``compile.fused_qkv.share_rows``) and need no copy. A quantized copy whose high-precision original
+was kept is fused into directly (``fit.Target.into``), so its parts (the original's rows) never
+change; one without (``keep_originals=none``) is re-quantized here from its parts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import torch
 from torch import nn
 
-from ..compile.fused_qkv import joined, projections, shares_rows
-from ..quantize.weights import is_quantized, requantize
+from ..compile.fused_qkv import joined, projections, shares_rows, stacked_on
+from ..quantize.weights import is_quantized, record_of, requantize
 from .fit import lora_components
+from .fuse import LoraState
 
 
-def _fused_attentions(pipeline: Any) -> Iterator[Tuple[nn.Module, nn.Linear, List[nn.Linear]]]:
+def _attentions(pipeline: Any, state: LoraState) -> List[nn.Module]:
+    """The modules that can fuse their projections (diffusers' ``Attention``), cached in ``state`` until
+    the pipeline's components change. Whether each one is fused is read again on every call
+    (``fuse_qkv_projections`` is a runtime switch)."""
+    components = lora_components(pipeline)
+    ids = tuple(id(module) for module in components.values())
+    if state.attentions is None or state.attentions[0] != ids:
+        found = [m for c in components.values() for m in c.modules() if hasattr(m, "fused_projections")]
+        state.attentions = (ids, found)
+    return state.attentions[1]
+
+
+def _fused_attentions(pipeline: Any, state: LoraState) -> Iterator[Tuple[nn.Module, nn.Linear, List[nn.Linear]]]:
     """(attention, fused projection, its parts in row order) for each fused attention."""
-    for component in lora_components(pipeline).values():
-        for module in component.modules():
-            if not getattr(module, "fused_projections", False):
-                continue
+    for module in _attentions(pipeline, state):
+        if getattr(module, "fused_projections", False):
             fused, parts = projections(module)
             if fused is not None:
                 yield module, fused, parts
 
 
 @torch.no_grad()
-def sync(pipeline: Any, versions: Dict[int, Tuple[int, ...]]) -> int:
+def sync(pipeline: Any, state: LoraState) -> int:
     """Copy changed ``to_q``/``to_k``/``to_v`` weights into their fused projection; return how many.
 
-    ``versions`` holds, per attention, the parts' ``_version`` counters at its last sync.
+    ``state.projection_versions`` holds, per attention, the parts' ``_version`` counters at its last sync.
     """
+    versions = state.projection_versions
     synced = 0
-    for attention, fused, parts in _fused_attentions(pipeline):
+    for attention, fused, parts in _fused_attentions(pipeline, state):
         now = tuple(part.weight._version for part in parts)
         if versions.get(id(attention)) == now:
             continue
@@ -48,6 +62,10 @@ def sync(pipeline: Any, versions: Dict[int, Tuple[int, ...]]) -> int:
             versions[id(attention)] = now
             continue
         if is_quantized(fused.weight):  # re-quantize the fused copy from its high-precision parts
+            original = record_of(fused.weight).original
+            if id(attention) not in versions and original is not None and stacked_on(parts, original):
+                versions[id(attention)] = now  # the parts are the original the copy was quantized from
+                continue
             requantize(fused.weight, joined(parts))
             versions[id(attention)] = now
             synced += 1
