@@ -26,6 +26,8 @@
 #             not fit a 10-minute call (fourteenth session). The fill is niced and its GPU work is one
 #             image at the end of its compile; the bench's rows were timed beside it.
 #   profile:  benchmarks/step_profile.py, unquantized then fp8, compiled side by side, profiled in turn.
+#   switch:   benchmarks/lora_switch_profile.py: one LoRA switch on fp8 SDXL (originals on the host, then on
+#             the GPU) and unquantized, timed and profiled (sixteenth session: ~100 s).
 set -u
 cd "$(dirname "$0")/.."
 export ONEDIFFX_CACHE_KEY=$PWD/outputs/graphs.key PYTHONUNBUFFERED=1
@@ -69,5 +71,9 @@ for line in sys.stdin:
     ($P off "$OUT/off.json" > "$OUT/off.log" 2>&1; touch "$OUT/off.ended") &
     $P fp8 "$OUT/fp8.json" --after "$OUT/off.ended" > "$OUT/fp8.log" 2>&1; wait
     grep -h "step profile" "$OUT"/*.log; rm -f "$OUT"/*.done "$OUT"/*.ended ;;
-  *) echo "usage: $0 fill|serve|quantize|profile" >&2; exit 2 ;;
+  switch)
+    for v in "fp8 --keep cpu" "fp8 --keep device" "off"; do
+      set -- $v; timeout 120 python3 benchmarks/lora_switch_profile.py $v "$OUT/switch-$1-${3:-host}.json" 2>&1 | grep "switch profile"
+    done ;;
+  *) echo "usage: $0 fill|serve|quantize|profile|switch" >&2; exit 2 ;;
 esac

@@ -217,6 +217,24 @@ def test_a_lora_is_refused_whole_when_originals_were_not_kept(tmp_path):
     assert _same(_quantized(pipe), before)
 
 
+def test_quantizing_refuses_a_pipeline_with_loras_loaded(tmp_path):
+    """A loaded adapter points at the weights quantizing replaces: fusing it later would write weights
+    nothing reads. Refused in one line, nothing quantized; after ``delete_adapters`` it goes ahead."""
+    from onediffx.errors import ConfigError
+
+    pipe = _quiet(tiny_sd())
+    (source,) = _write_loras(tiny_sd(), tmp_path, 1)
+    lora.load_lora_and_optionally_fuse(pipe, str(source), "a", fuse=False)
+    with pytest.raises(ConfigError, match="LoRAs are loaded into this pipeline; quantize first"):
+        quantize_pipe(pipe, "int8")
+    assert quantize_state(pipe) is None and not _quantized(pipe)
+    lora.delete_adapters(pipe)
+    quantize_pipe(pipe, "int8")
+    before = _quantized(pipe)
+    lora.load_and_fuse_lora(pipe, str(source))
+    assert before and not _same(_quantized(pipe), before), "the LoRA loaded after quantizing reaches the weights"
+
+
 def test_deepcache_runs_both_passes_quantized(compose_run):
     """The shallow pass (DeepCache's cached steps) reads quantized layers too."""
     from onediffx.generate import Settings, generate
@@ -473,30 +491,37 @@ def test_requantizing_an_fp8_weight_gives_torchaos_bits_without_torchaos_module_
                for g, e in zip(got, expected, strict=True))
 
 
+def _fp8_sdxl_with_two_loras(tmp_path, monkeypatch):
+    """The tiny SDXL in bfloat16 with fp8 weights (weight-only: its math runs on the CPU), adapters
+    ``a`` and ``b`` loaded and not fused."""
+    import torchao.quantization.quant_api as quant_api
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *_: None)  # fp8 math runs on the CPU too
+    pipe = _quiet(tiny_sdxl()).to(dtype=torch.bfloat16)
+    targets = lora_targets(pipe, components=("unet",))
+    sources = [save_kohya(random_lora(targets, 2 + i, seed=30 + i, strength=0.5), tmp_path / f"f{i}.safetensors")
+               for i in range(2)]
+    quantize_pipe(pipe, "fp8_weight_only")
+    for name, source in zip("ab", sources):
+        lora.load_lora_and_optionally_fuse(pipe, str(source), name, fuse=False, offload_device="cpu")
+    return pipe
+
+
 @pytest.mark.parametrize("run_elements", [None, 4096], ids=["one-run-a-width", "small-runs"])
 def test_fp8_lora_switches_stack_their_weights_and_give_each_weights_own_bits(run_elements, tmp_path, monkeypatch):
     """A switch on fp8 weights fuses them as rows of shared buffers and quantizes each buffer once,
     the parts of a fused q/k/v copy at their rows of it. The oracle, per quantized weight: its
     high-precision original plus each term, summed in float32 one weight at a time, then torchao's
     own ``quantize_`` handler. The high-precision originals (the parts' memory) never change."""
-    import torchao.quantization.quant_api as quant_api
-
     from onediffx.lora import fuse as lora_fuse
     from onediffx.quantize import weights
 
-    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *_: None)  # fp8 math runs on the CPU too
     if run_elements:
         monkeypatch.setattr(lora_fuse, "STACK_ELEMENTS", run_elements)
-    pipe = _quiet(tiny_sdxl()).to(dtype=torch.bfloat16)
-    targets = lora_targets(pipe, components=("unet",))
-    sources = [save_kohya(random_lora(targets, 2 + i, seed=30 + i, strength=0.5), tmp_path / f"f{i}.safetensors")
-               for i in range(2)]
-    quantize_pipe(pipe, "fp8_weight_only")
+    pipe = _fp8_sdxl_with_two_loras(tmp_path, monkeypatch)
     before = _quantized(pipe)
     records = {id(p): record_of(p) for p in pipe.unet.parameters() if is_quantized(p)}
     originals = {k: r.original.clone() for k, r in records.items()}
-    for name, source in zip("ab", sources):
-        lora.load_lora_and_optionally_fuse(pipe, str(source), name, fuse=False, offload_device="cpu")
 
     def one_at_a_time(name: str, weight: float) -> dict:
         sums = {}
@@ -529,6 +554,41 @@ def test_fp8_lora_switches_stack_their_weights_and_give_each_weights_own_bits(ru
     assert all(torch.equal(records[k].original, v) for k, v in originals.items()), "the originals must not change"
     lora.unfuse_lora(pipe)
     assert _same(_quantized(pipe), before), "unfuse must restore the quantized weights bit for bit"
+
+
+def test_an_fp8_switch_that_fails_half_way_is_undone_by_the_next_fuse(tmp_path, monkeypatch):
+    """Out of memory in the middle of a switch leaves some fp8 weights re-quantized and others not;
+    they count as fused from the start, so unfusing restores every one bit for bit, and fusing again
+    gives the bits a switch that never failed gives."""
+    from onediffx.quantize import weights
+
+    pipe = _fp8_sdxl_with_two_loras(tmp_path, monkeypatch)
+    before = _quantized(pipe)
+    lora.set_and_fuse_adapters(pipe, ["a"], [0.8])
+    clean = _quantized(pipe)
+    lora.unfuse_lora(pipe)
+    calls, requantize_rows = [], weights.requantize_rows
+
+    def out_of_memory_on_the_third_run(params, rows):
+        calls.append(len(params))
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("simulated: out of memory half-way through a switch")
+        requantize_rows(params, rows)
+
+    monkeypatch.setattr(weights, "requantize_rows", out_of_memory_on_the_third_run)
+    with pytest.raises(torch.OutOfMemoryError):
+        lora.set_and_fuse_adapters(pipe, ["b"], [-0.6])
+    assert not _same(_quantized(pipe), before), "the first runs were written"
+    monkeypatch.setattr(weights, "requantize_rows", requantize_rows)
+    lora.unfuse_lora(pipe)
+    assert _same(_quantized(pipe), before), "unfuse must restore every weight, the half-written ones too"
+    with pytest.raises(torch.OutOfMemoryError):
+        monkeypatch.setattr(weights, "requantize_rows", out_of_memory_on_the_third_run)
+        calls.clear()
+        lora.set_and_fuse_adapters(pipe, ["b"], [-0.6])
+    monkeypatch.setattr(weights, "requantize_rows", requantize_rows)
+    lora.set_and_fuse_adapters(pipe, ["a"], [0.8])
+    assert _same(_quantized(pipe), clean), "fusing after a failed switch gives the bits of one that never failed"
 
 
 def test_selection_of_cross_attention_kv_and_of_zero_weight_rows_in_fp8():

@@ -213,16 +213,17 @@ def fuse(state: LoraState, weights: Dict[str, float], offload_device: str = "cpu
         _restore_all(state, [k for k in dirty if k in state.fused and k not in plan])
         params = {key: terms[0][0].param for key, terms in plan.items()}
         _back_up(state, {k: p for k, p in params.items() if _needs_backup(state, k, p)}, offload_device)
-        requantized = []
+        requantized = [key for key in plan if key in state.quantized]
         for key, terms in plan.items():
-            if key in state.quantized:
-                requantized.append((params[key], state.originals[key], terms))
-            else:  # Not fused now (just backed up, restored, or never fused): the weight equals W0 already.
+            if key not in state.quantized:  # Not fused now (just backed up, restored, or never fused): W0 already.
                 _write(params[key], None if key not in state.fused else state.originals[key], terms)
-        _write_quantized(requantized)
-        for key, param in params.items():
-            state.written[key] = param._version
-            state.fused.add(key)
+                state.written[key] = params[key]._version
+                state.fused.add(key)
+        # Marked fused before they are written: should the batch fail half-way (out of memory), the
+        # next fuse or unfuse restores them from their saved W0 instead of leaving a half-fused mix.
+        state.fused.update(requantized)
+        _write_quantized([(params[key], state.originals[key], plan[key]) for key in requantized])
+        state.written.update((key, params[key]._version) for key in requantized)
     state.active = {n: weights[n] for n in state.adapters if n in weights}
     return len(plan)
 

@@ -184,9 +184,9 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
     if quantize_state(pipe) is not None:
         raise ConfigError("quantize_pipe: this pipeline is quantized already; load it afresh to quantize it differently")
     lora = getattr(pipe, LORA_STATE, None)
-    if lora is not None and lora.fused:
-        raise ConfigError("quantize_pipe: LoRAs are fused into this pipeline; quantize first, then fuse them "
-                          "(fusing into quantized weights works from their high-precision originals)")
+    if lora is not None and (lora.fused or lora.adapters):  # loaded ones point at the weights quantizing replaces
+        raise ConfigError("quantize_pipe: LoRAs are loaded into this pipeline; quantize first, then load them, or "
+                          "delete_adapters() first (fusing into quantized weights works from their high-precision originals)")
     found = {path: m for path in config.components if (m := find_module(pipe, path)) is not None}
     if not found:
         raise ConfigError(f"quantize.components: none of {', '.join(config.components)} is in this "
