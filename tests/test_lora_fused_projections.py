@@ -50,3 +50,25 @@ def test_lora_fused_after_fusing_projections_matches_the_unfused_model(fusing, t
     np.testing.assert_allclose(_image(fused), _image(plain), atol=1e-5, rtol=0)
     lora.unfuse_lora(fused)
     np.testing.assert_array_equal(_image(fused), base)  # the fused projections are W0 again, bit for bit
+
+
+def test_a_replaced_unet_is_freed_and_its_replacement_gets_the_lora(tmp_path):
+    """Switches find fused attentions from a list cached per set of components. A UNet replaced
+    after a LoRA load must not be kept alive by that list, and the new UNet's fused projections
+    must take the next LoRA (the oracle: the same LoRA on a pipeline that never had another UNet)."""
+    import gc
+    import weakref
+
+    path = save_kohya(random_lora(lora_targets(_pipe()), 4, seed=3), tmp_path / "3.safetensors")
+    pipe, oracle = _pipe("diffusers"), _pipe("diffusers")
+    lora.load_and_fuse_lora(pipe, str(path), "a", lora_scale=0.8)
+    lora.delete_adapters(pipe)
+    old = weakref.ref(next(m for m in pipe.unet.modules() if getattr(m, "fused_projections", False)))
+    pipe.unet = _pipe("diffusers").unet
+    gc.collect()
+    assert old() is None, "the replaced UNet's attentions are still referenced"
+    for p in (pipe, oracle):
+        lora.load_and_fuse_lora(p, str(path), "a", lora_scale=0.8)
+    fused = [m.to_qkv.weight for m in pipe.unet.modules() if getattr(m, "fused_projections", False) and hasattr(m, "to_qkv")]
+    expected = [m.to_qkv.weight for m in oracle.unet.modules() if getattr(m, "fused_projections", False) and hasattr(m, "to_qkv")]
+    assert fused and all(torch.equal(a, b) for a, b in zip(fused, expected, strict=True))

@@ -74,9 +74,10 @@ class LoraState:
     """Where new ``W0`` copies go; set by the last load, used by later switches."""
     projection_versions: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     """Per fused attention, its parts' versions when last copied into the fused projection."""
-    attentions: Optional[Tuple[Tuple[int, ...], List[torch.nn.Module]]] = None
-    """The pipeline's attention modules, found once per set of components (by ``id``): each switch
-    checks them for fused projections, and walking every module of SDXL costs ~15 ms."""
+    attentions: Optional[Tuple[List[Any], List[Any]]] = None
+    """Weak references to the pipeline's components and to their attention modules, found once per
+    set of components: each switch checks them for fused projections, and walking every module of
+    SDXL costs ~15 ms (``fused_projections``)."""
     quantized: Dict[TargetKey, List[torch.Tensor]] = field(default_factory=dict)
     """Quantized weights: their quantized ``W0`` (inner tensors), put back on unfuse; ``originals``
     then holds the high-precision ``W0`` that fusing computes from."""

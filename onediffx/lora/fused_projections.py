@@ -14,6 +14,7 @@ change; one without (``keep_originals=none``) is re-quantized here from its part
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterator, List, Tuple
 
 import torch
@@ -26,15 +27,17 @@ from .fuse import LoraState
 
 
 def _attentions(pipeline: Any, state: LoraState) -> List[nn.Module]:
-    """The modules that can fuse their projections (diffusers' ``Attention``), cached in ``state`` until
-    the pipeline's components change. Whether each one is fused is read again on every call
-    (``fuse_qkv_projections`` is a runtime switch)."""
-    components = lora_components(pipeline)
-    ids = tuple(id(module) for module in components.values())
-    if state.attentions is None or state.attentions[0] != ids:
-        found = [m for c in components.values() for m in c.modules() if hasattr(m, "fused_projections")]
-        state.attentions = (ids, found)
-    return state.attentions[1]
+    """The modules that can fuse their projections (diffusers' ``Attention``), cached in ``state`` while
+    the pipeline has the same components. Whether each one is fused is read again on every call
+    (``fuse_qkv_projections`` is a runtime switch). The cache holds weak references: a replaced
+    component is freed, and a new one at a freed one's address is not taken for it."""
+    components = list(lora_components(pipeline).values())
+    cached = state.attentions
+    if (cached is None or len(cached[0]) != len(components)
+            or any(ref() is not component for ref, component in zip(cached[0], components))):
+        found = [m for c in components for m in c.modules() if hasattr(m, "fused_projections")]
+        state.attentions = ([weakref.ref(c) for c in components], [weakref.ref(m) for m in found])
+    return [m for m in (ref() for ref in state.attentions[1]) if m is not None]
 
 
 def _fused_attentions(pipeline: Any, state: LoraState) -> Iterator[Tuple[nn.Module, nn.Linear, List[nn.Linear]]]:
