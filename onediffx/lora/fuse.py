@@ -276,12 +276,21 @@ def _float32_factors(target: Target, device: torch.device) -> Tuple[torch.Tensor
 
 def _write_float32(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> None:
     """The general path: ``W0`` in float32 (reshape: channels_last conv weights are not contiguous)."""
-    device, rows = param.device, param.shape[0]
+    param.copy_(_float32_sum(w0, param.device, terms).view(param.shape))
+
+
+def _float32_sum(w0: torch.Tensor, device: torch.device, terms: list) -> torch.Tensor:
+    """``W0 + sum(coef * up @ down)`` in a float32 copy on ``device``, one row per output."""
     acc = w0.to(device=device, dtype=torch.float32, non_blocking=True, copy=True,
-                memory_format=torch.contiguous_format).view(rows, -1)
+                memory_format=torch.contiguous_format).view(w0.shape[0], -1)
+    _add_terms(acc, terms, device)
+    return acc
+
+
+def _add_terms(acc: torch.Tensor, terms: list, device: torch.device) -> None:
+    """Add each term into its rows of ``acc`` (float32): all of them, or a fused copy's part at its ``row``."""
     for target, coef in terms:
-        acc.addmm_(*_float32_factors(target, device), alpha=coef)
-    param.copy_(acc.view(param.shape))
+        acc[target.row:target.row + target.up.shape[0]].addmm_(*_float32_factors(target, device), alpha=coef)
 
 
 STACK_ELEMENTS = 2**24
@@ -311,8 +320,7 @@ def _write_quantized(items: List[Tuple[torch.nn.Parameter, torch.Tensor, list]])
         for run, staged in _staged(runs, device, dtype, width):
             acc = staged.float()
             for rows, (_, _, terms) in zip(acc.split([w0.shape[0] for _, w0, _ in run]), run):
-                for target, coef in terms:
-                    rows[target.row:target.row + target.up.shape[0]].addmm_(*_float32_factors(target, device), alpha=coef)
+                _add_terms(rows, terms, device)
             quantized.requantize_rows([param for param, _, _ in run], acc)
 
 
@@ -353,12 +361,7 @@ def _staged(runs: List[list], device: torch.device, dtype: torch.dtype, width: i
 
 def _write_quantized_one(param: torch.nn.Parameter, w0: torch.Tensor, terms: list) -> None:
     """One weight of ``_write_quantized`` that cannot be stacked (int8, per-tensor scales), on its own."""
-    device = param.device
-    acc = w0.to(device=device, dtype=torch.float32, non_blocking=True, copy=True,
-                memory_format=torch.contiguous_format).view(param.shape[0], -1)
-    for target, coef in terms:
-        acc[target.row:target.row + target.up.shape[0]].addmm_(*_float32_factors(target, device), alpha=coef)
-    quantized.requantize(param, acc.view(param.shape))
+    quantized.requantize(param, _float32_sum(w0, param.device, terms).view(param.shape))
 
 
 def _restore_all(state: LoraState, keys: List[TargetKey]) -> None:
