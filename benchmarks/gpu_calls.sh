@@ -26,6 +26,8 @@
 #             not fit a 10-minute call (fourteenth session). The fill is niced and its GPU work is one
 #             image at the end of its compile; the bench's rows were timed beside it.
 #   profile:  benchmarks/step_profile.py, unquantized then fp8, compiled side by side, profiled in turn.
+#   e2e:      benchmarks/e2e_profile.py: one compiled SDXL call phase by phase (seventeenth session), as
+#             compiled now, with cuDNN's conv benchmarking, and with Inductor's programmatic dependent launch.
 #   switch:   benchmarks/lora_switch_profile.py: one LoRA switch on fp8 SDXL (originals on the host, then on
 #             the GPU) and unquantized, timed and profiled (sixteenth session: ~100 s).
 set -u
@@ -75,5 +77,10 @@ for line in sys.stdin:
     for v in "fp8 --keep cpu" "fp8 --keep device" "off"; do
       set -- $v; timeout 120 python3 benchmarks/lora_switch_profile.py $v "$OUT/switch-$1-${3:-host}.json" 2>&1 | grep "switch profile"
     done ;;
-  *) echo "usage: $0 fill|serve|quantize|profile|switch" >&2; exit 2 ;;
+  e2e)
+    E="timeout 200 python3 benchmarks/e2e_profile.py"
+    $E "$OUT/e2e-base.json" "${@:2}" 2>&1 | grep "e2e profile\|Error"
+    $E "$OUT/e2e-cudnn-benchmark.json" --cudnn-benchmark "${@:2}" 2>&1 | grep "e2e profile\|Error"
+    TORCHINDUCTOR_ENABLE_PDL=1 $E "$OUT/e2e-pdl.json" "${@:2}" 2>&1 | grep "e2e profile\|Error" ;;
+  *) echo "usage: $0 fill|serve|quantize|profile|switch|e2e" >&2; exit 2 ;;
 esac

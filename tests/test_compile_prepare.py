@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from conftest import REPO
 from onediffx.compile.fused_qkv import fuse_qkv
+from onediffx.compile import postprocess as postprocess_module
 from onediffx.compile.postprocess import pil_on_device
 from onediffx.models.tiny import tiny_sdxl
 
@@ -62,8 +64,12 @@ def test_fused_projections_cost_no_memory_and_compute_as_diffusers_fused_ones():
     torch.testing.assert_close(attention.to_qkv.weight[rows:2 * rows], attention.to_k.weight, atol=0, rtol=0)
 
 
-def test_pil_on_device_gives_diffusers_bytes():
+def test_pil_on_device_gives_diffusers_bytes(monkeypatch):
     processor = tiny_sdxl().image_processor
+    handed = []  # Pillow copies a strided array element by element: ours must hand it contiguous pixels
+    fromarray = postprocess_module.Image.fromarray
+    monkeypatch.setattr(postprocess_module, "Image", SimpleNamespace(
+        fromarray=lambda a: handed.append(a.flags.c_contiguous) or fromarray(a)))
     original = processor.postprocess
     # values on rounding boundaries (k + 0.5) / 255 and out of range, in the dtypes a VAE decodes in
     boundaries = ((torch.arange(256) + 0.5) / 255 * 2 - 1).repeat(3 * 16 * 16 // 256 + 1)[: 3 * 16 * 16]
@@ -78,6 +84,7 @@ def test_pil_on_device_gives_diffusers_bytes():
             for a, b in zip(ours, theirs):
                 assert a.mode == b.mode == "RGB"
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert handed and all(handed)
     # outputs other than PIL, and unclamped images, are diffusers' own
     image = batches[0]
     np.testing.assert_array_equal(processor.postprocess(image, output_type="np"), original(image, output_type="np"))

@@ -4,7 +4,9 @@ diffusers' ``VaeImageProcessor.postprocess(output_type="pil")`` copies the float
 and scales, rounds and casts it with NumPy. For one SDXL image that is a 12 MB copy and 15 to 23 ms
 of CPU work at the end of every call while the GPU waits (measured on an H100 host, about 2% of a
 compiled 30-step image). The same float32 arithmetic on the device (multiply by 255, round half to
-even, cast) gives the same bytes, and only the 3 MB of pixels cross.
+even, cast) gives the same bytes, and only the 3 MB of pixels cross. They cross already in
+height-width-channel order: Pillow copies an array with any other strides element by element
+(5 ms for one 1024² image on the host, while the GPU waits; 0.5 ms for a contiguous one).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def pil_on_device(processor: Any) -> None:
                 or image.shape[1] != 3 or not _clamped(processor, do_denormalize)):
             return original(image, output_type=output_type, do_denormalize=do_denormalize, **kwargs)
         image = processor._denormalize_conditionally(image, do_denormalize)
-        pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         return [Image.fromarray(p) for p in pixels]
 
     setattr(postprocess, MARK, True)
