@@ -162,3 +162,32 @@ def test_attention_priority_keys_the_aot_autograd_cache_by_the_order(monkeypatch
             torch.compile(lambda t: torch.nn.functional.gelu(t @ t) + 1)(x)
         seen.append("hit" if counters["aot_autograd"]["autograd_cache_hit"] else "miss")
     assert seen == ["miss", "hit", "miss"]
+
+
+def test_compile_pipe_pins_the_execution_device_until_the_pipeline_moves(monkeypatch):
+    """diffusers looks for offloading hooks in every module at each call; a compiled pipeline asks once."""
+    from onediffx.compile import compile_pipe
+    from onediffx.compile.pipe import restore_eager
+
+    pipe = tiny_sdxl()
+    base, expected = type(pipe), pipe._execution_device
+    modules = torch.nn.Module.modules
+
+    def walked() -> bool:
+        calls = []
+        monkeypatch.setattr(torch.nn.Module, "modules", lambda self: calls.append(1) or modules(self))
+        assert pipe._execution_device == expected
+        monkeypatch.setattr(torch.nn.Module, "modules", modules)
+        return bool(calls)
+
+    assert walked()
+    compile_pipe(pipe, "inductor")
+    assert not walked()
+    assert isinstance(pipe, base) and type(pipe).__name__ == base.__name__
+    assert '"_class_name": "StableDiffusionXLPipeline"' in pipe.to_json_string()  # model_index.json diffusers loads
+    pipe.to("cpu")  # moved: diffusers' lookup again, until the next compile
+    assert walked()
+    compile_pipe(pipe, "inductor")
+    assert not walked()
+    restore_eager(pipe)
+    assert walked()

@@ -18,7 +18,7 @@ APP = ("onediffx.cli", "onediffx.__main__", "onediffx.commands", "onediffx.batch
 STAGES = ("onediffx.stages", "onediffx.resolver", "onediffx.assembly", "onediffx.generate")
 LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.instantid", "onediffx.quantize", "onediffx.graph_cache",
            "onediffx.models", "onediffx.config", "onediffx.device", "onediffx.errors", "onediffx.metrics",
-           "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.lazy_exports",
+           "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.mixins", "onediffx.lazy_exports",
            "onediffx.plugin_loader", "onediffx.requirements")
 
 

@@ -26,6 +26,7 @@ from . import preload
 from .backends import compile_kwargs, resolve_backend
 from .cuda_graphs import PASS_GRAPHS, GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
+from .execution_device import pin_execution_device, unpin_execution_device
 from .fused_qkv import fuse_qkv
 from .guard_scope import install as install_guard_fix
 from .options import as_options, compile_options  # noqa: F401  (compile_options: re-exported)
@@ -130,6 +131,7 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
         return pipe
     install_guard_fix()  # Dynamo's lazy path builds guards too
     _prepare(pipe, options, device)
+    pin_execution_device(pipe)
     if options.pil_on_device and getattr(pipe, "image_processor", None) is not None:
         pil_on_device(pipe.image_processor)
     compile_fn = get_backend(backend)
@@ -186,6 +188,7 @@ def restore_eager(pipe: Any) -> int:
             module.__dict__.pop(REGIONS, None)
             module.__dict__.pop(PASS_GRAPHS, None)
     pipe._onediffx_compile = None
+    unpin_execution_device(pipe)
     return removed
 
 

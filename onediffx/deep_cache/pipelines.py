@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import diffusers
 
+from ..mixins import with_mixin
 from .params import DeepCacheParams, deep_cache
 
 
@@ -88,7 +89,6 @@ class StableVideoDiffusionPipeline(DeepCacheMixin, diffusers.StableVideoDiffusio
 
 
 _NAMED = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline)
-_MADE: dict[type, type] = {}
 
 
 def deep_cache_class(base: type) -> type:
@@ -96,13 +96,7 @@ def deep_cache_class(base: type) -> type:
 
     Keeping the name keeps ``save_pretrained``'s ``model_index.json`` loadable by plain diffusers.
     """
-    if issubclass(base, DeepCacheMixin):
-        return base
     for cls in _NAMED:
         if cls.__bases__[1] is base:
             return cls
-    if base not in _MADE:
-        _MADE[base] = type(base.__name__, (DeepCacheMixin, base), {
-            "__module__": __name__, "__doc__": f"``{base.__module__}.{base.__name__}`` with DeepCache call arguments.",
-        })
-    return _MADE[base]
+    return with_mixin(DeepCacheMixin, base, f"``{base.__module__}.{base.__name__}`` with DeepCache call arguments.")

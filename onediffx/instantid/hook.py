@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..hooks import DEEP_CACHE_DISPATCH, ForwardHook, add_hook, get_hook, hook_registry, remove_hook
+from ..mixins import with_mixin
 
 IDENTITYNET = "onediffx_instantid_identitynet"
 """The ControlNet's forward reads face tokens (and, under DeepCache, runs on full steps only)."""
@@ -157,18 +158,9 @@ class InstantIDMixin:
         return embeds
 
 
-_MADE: dict[type, type] = {}
-
-
 def instantid_class(base: type) -> type:
     """The InstantID variant of a diffusers ControlNet pipeline class, with the same name."""
-    if issubclass(base, InstantIDMixin):
-        return base
-    if base not in _MADE:
-        _MADE[base] = type(base.__name__, (InstantIDMixin, base), {
-            "__module__": __name__, "__doc__": f"``{base.__module__}.{base.__name__}`` feeding face tokens to its IdentityNet.",
-        })
-    return _MADE[base]
+    return with_mixin(InstantIDMixin, base, f"``{base.__module__}.{base.__name__}`` feeding face tokens to its IdentityNet.")
 
 
 def is_instantid_pipeline(pipe: Any) -> bool:
