@@ -11,10 +11,14 @@ from __future__ import annotations
 _MADE: dict[tuple[type, type], type] = {}
 
 
-def with_mixin(mixin: type, base: type, doc: str) -> type:
-    """``base`` with ``mixin`` in front and ``base``'s name; ``base`` itself when it has the mixin already."""
+def with_mixin(mixin: type, base: type, what: str) -> type:
+    """``base`` with ``mixin`` in front and ``base``'s name; ``base`` itself when it has the mixin already.
+
+    ``what`` finishes the class's docstring after the base's full name ("with DeepCache call arguments").
+    """
     if issubclass(base, mixin):
         return base
     if (mixin, base) not in _MADE:
+        doc = f"``{base.__module__}.{base.__name__}`` {what}."
         _MADE[mixin, base] = type(base.__name__, (mixin, base), {"__module__": mixin.__module__, "__doc__": doc})
     return _MADE[mixin, base]

@@ -49,9 +49,7 @@ def pin_execution_device(pipe: Any) -> None:
         return  # not a diffusers pipeline: nothing to pin
     unpin_execution_device(pipe)
     device = pipe._execution_device
-    base = type(pipe)
-    pinnable = with_mixin(PinnedDeviceMixin, base, f"``{base.__module__}.{base.__name__}`` with a pinned execution device.")
-    object.__setattr__(pipe, "__class__", pinnable)
+    object.__setattr__(pipe, "__class__", with_mixin(PinnedDeviceMixin, type(pipe), "with a pinned execution device"))
     pipe.__dict__[PINNED] = device
 
 

@@ -99,4 +99,4 @@ def deep_cache_class(base: type) -> type:
     for cls in _NAMED:
         if cls.__bases__[1] is base:
             return cls
-    return with_mixin(DeepCacheMixin, base, f"``{base.__module__}.{base.__name__}`` with DeepCache call arguments.")
+    return with_mixin(DeepCacheMixin, base, "with DeepCache call arguments")

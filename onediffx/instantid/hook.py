@@ -160,7 +160,7 @@ class InstantIDMixin:
 
 def instantid_class(base: type) -> type:
     """The InstantID variant of a diffusers ControlNet pipeline class, with the same name."""
-    return with_mixin(InstantIDMixin, base, f"``{base.__module__}.{base.__name__}`` feeding face tokens to its IdentityNet.")
+    return with_mixin(InstantIDMixin, base, "feeding face tokens to its IdentityNet")
 
 
 def is_instantid_pipeline(pipe: Any) -> bool:
