@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup clean bench-gpu wheel-check test-compat
+.PHONY: run test setup clean bench-gpu test-gpu wheel-check test-compat
 
 setup: $(STAMP)
 
@@ -38,6 +38,24 @@ run: $(STAMP)
 PYTEST_FLAGS ?=
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_FLAGS)
+
+# make bench-gpu: the headline scenarios (diffusers eager, diffusers' documented torch.compile recipe,
+# onediffx; then onediffx's restart from its graph cache) in one process on a GPU machine, filed as
+# benchmarks/results/<date>-<card>/sdxl-headline.json with the commit, time, card and versions. The
+# GPU must be the bench's alone: a record timed beside another process is written as not headline and
+# the target fails. Then fill the README's table from it: python benchmarks/scripts/readme_table.py FILE
+# make test-gpu: the tests marked gpu, with a junit record in the same folder.
+# On a GPU machine: make TORCH_SPEC=torch bench-gpu; with a ready Python instead of .venv: PY=python3.
+RESULTS := benchmarks/results
+HEADLINE ?= model=sdxl model.synthetic=true 'bench.scenarios=[quantize,cold_start]' 'bench.quantize_modes=[]' \
+	bench.cold_start_peers=false bench.headline=true bench.record_name=sdxl-headline bench.record_dir=$(RESULTS)
+NEEDS_SETUP := $(if $(filter command line environment,$(origin PY)),,$(STAMP))
+
+bench-gpu: $(NEEDS_SETUP)
+	$(PY) -m onediffx bench $(HEADLINE)
+
+test-gpu: $(NEEDS_SETUP)
+	$(PY) -m pytest -q -m gpu $(PYTEST_FLAGS) --junitxml=$$($(PY) -m onediffx.bench.record $(RESULTS))/gpu-tests.xml
 
 wheel-check: $(STAMP)
 	TORCH_SPEC="$(TORCH_SPEC)" .ci/wheel-check $(PY)

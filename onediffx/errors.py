@@ -29,6 +29,12 @@ class BusyError(OnediffxError):
     """Another process holds what this one needs (an output folder): nothing was changed."""
 
 
+class BenchError(OnediffxError):
+    """A bench ran but its record cannot serve what it was asked for (a headline on a shared GPU)."""
+
+    exit_code = 1
+
+
 class NonFiniteError(OnediffxError):
     """The computation produced NaN or Inf: the output would be wrong, so there is none."""
 

@@ -29,6 +29,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _junit_provenance(request, record_testsuite_property):
+    """A junit file (``make test-gpu``) carries the commit, time, card and versions it tested."""
+    if not request.config.getoption("xmlpath", None):
+        return
+    from onediffx.bench.record import provenance
+    from onediffx.device import device_name, resolve_device
+
+    for key, value in provenance(device_name(resolve_device("auto")), REPO).items():
+        record_testsuite_property(key, value if isinstance(value, str) else str(value))
+
+
 @pytest.fixture(scope="session")
 def compose_run():
     """Compose ``conf/run.yaml`` with overrides, exactly as the CLI does (schema included)."""

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
+
+
+def _assert_provenance(report: dict, root, name: str) -> None:
+    """The record names the commit of this checkout, its UTC time and card, and is filed by date and card."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert report["commit"] == head and re.fullmatch(r"[0-9a-f]{40}", head)
+    when = dt.datetime.strptime(report["time_utc"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - when).total_seconds()) < 900
+    assert report["card"] == "cpu" and report["versions"]["torch"] and report["scenario"] == name
+    assert report["gpu_alone"] is None and report["headline"] is False  # a CPU has no GPU process list to read
+    filed = root / "results" / f"{report['time_utc'][:10]}-cpu" / f"{name}.json"
+    assert json.loads(filed.read_text()) == report
+    assert f"commit {head}" in filed.with_suffix(".md").read_text()
 
 
 def test_bench_writes_json_and_markdown_with_consistent_ratios(tmp_path):
     proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[steady]",
                    "bench.peer_compile=false", "steps=2", "bench.repeat=2", "bench.unet_iters=1",
-                   "bench.also_presets=[auto]", "hydra.run.dir=out", cwd=tmp_path)
+                   "bench.also_presets=[auto]", "hydra.run.dir=out", "bench.record_dir=results", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    _assert_provenance(report, tmp_path, "tiny-steady")
     eager, onediffx, also, again = report["rows"]
     assert eager["method"] == "diffusers eager" and onediffx["method"] == "onediffx compile=none"
     assert also["method"] == "onediffx compile=auto" and also["psnr_vs_eager_db"] == float("inf")  # eager on the CPU
@@ -85,3 +103,45 @@ def test_the_serving_peer_fuses_each_lora_as_diffusers_applies_it_unfused(tmp_pa
     plain = PeerRequest(prompt="a red fox", size="64x64", steps=2, seed=0, loras={})
     assert np.abs(np.asarray(Image.open(io.BytesIO(fused(first)[0])), dtype=np.int16)
                   - np.asarray(Image.open(io.BytesIO(fused(plain)[0])), dtype=np.int16)).max() > 2  # the LoRA acts
+
+
+def test_a_headline_record_needs_the_gpu_alone_and_the_readme_table_takes_only_such_records(tmp_path):
+    """Asked for a headline where nobody can say the GPU was the bench's alone (a CPU), the bench still
+    files its record, unmarked, and exits 1 with one line; the README generator refuses that record and
+    fills its block from the same rows once the record is a headline one."""
+    proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[steady]",
+                   "bench.peer_compile=false", "steps=2", "bench.repeat=1", "bench.unet_iters=1", "bench.headline=true",
+                   "bench.record_name=tiny-headline", "bench.record_dir=results", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "onediffx: error: bench.headline: whether another process used the GPU could not be read")
+    [record] = (tmp_path / "results").glob("*-cpu/tiny-headline.json")
+    report = json.loads(record.read_text())
+    _assert_provenance(report, tmp_path, "tiny-headline")
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n<!-- bench-table:begin -->\nold\n<!-- bench-table:end -->\ntail\n")
+    script = [sys.executable, str(REPO / "benchmarks" / "scripts" / "readme_table.py"), str(record), str(readme)]
+    refused = subprocess.run(script, capture_output=True, text=True)
+    assert refused.returncode == 1 and "is not a headline record" in refused.stderr and "old" in readme.read_text()
+
+    record.write_text(json.dumps({**report, "headline": True}))  # as the bench marks a run with the GPU alone
+    assert subprocess.run(script, capture_output=True, text=True).returncode == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n<!-- bench-table:begin -->\n") and text.endswith("<!-- bench-table:end -->\ntail\n")
+    eager = next(r for r in report["rows"] if r["method"] == "diffusers eager")
+    assert f"| diffusers eager | {eager['e2e_s']:.3f} s |" in text and report["commit"][:10] in text
+    assert "(again" not in text  # the second eager measurement is the baseline's check, not a row to quote
+
+
+def test_gpu_watch_counts_the_benchs_own_child_processes_as_its_own():
+    from onediffx.bench.record import _ancestors, card_slug
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        mine = _ancestors(child.pid)
+    finally:
+        child.kill()
+    assert {child.pid, __import__("os").getpid()} <= mine
+    assert [card_slug(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "cpu (x86_64, 2 threads)", "Tesla T4")] == \
+        ["h100", "h200", "cpu", "t4"]

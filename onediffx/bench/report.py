@@ -29,10 +29,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def write_report(out_dir: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    write_json(out_dir / "bench.json", {**header, "rows": rows})
-    text = f"{header['device_name']}, torch {header['versions'].get('torch')}, model {header['model']} " \
-           f"(synthetic={header['synthetic']}), {header['height']}x{header['width']}, {header['steps']} steps\n\n" \
-           + markdown(rows)
-    (out_dir / "bench.md").write_text(text, encoding="utf-8")
+def title(header: dict[str, Any]) -> str:
+    """The record's provenance in two lines: what was run where, and from which commit."""
+    alone = {True: "the GPU to itself", False: "the GPU SHARED with another process", None: "GPU sharing not known"}
+    return (f"{header['device_name']}, torch {header['versions'].get('torch')}, model {header['model']} "
+            f"(synthetic={header['synthetic']}), {header['height']}x{header['width']}, {header['steps']} steps\n"
+            f"{header.get('time_utc')}, commit {header.get('commit')}{' (modified)' if header.get('dirty') else ''}, "
+            f"{alone[header.get('gpu_alone')]}{', headline' if header.get('headline') else ''}\n")
+
+
+def write_report(out_dir: Path, header: dict[str, Any], rows: list[dict[str, Any]], stem: str = "bench") -> str:
+    """``<stem>.json`` (everything) and ``<stem>.md``; returns the markdown."""
+    write_json(out_dir / f"{stem}.json", {**header, "rows": rows})
+    text = title(header) + "\n" + markdown(rows)
+    (out_dir / f"{stem}.md").write_text(text, encoding="utf-8")
     return text

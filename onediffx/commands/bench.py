@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..device import device_name, empty_cache, resolve_device, resolve_dtype
-from ..errors import ConfigError
+from ..errors import BenchError, ConfigError
 from ..generate import Settings
-from ..metrics import versions
+from ..bench.record import GpuWatch, provenance, record_path
 from ..models.loader import load_pipeline
 from ..assembly import Assembly
 
 log = logging.getLogger("onediffx.bench")
+
+REPO = Path(__file__).resolve().parents[2]
+"""The checkout whose commit a record names (an installed wheel has none: ``ONEDIFFX_COMMIT``)."""
 
 
 def _fresh(cfg: DictConfig) -> Assembly:
@@ -97,9 +101,9 @@ def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run each scenario in ``bench.scenarios`` and write the report."""
     from ..bench.report import write_report
 
-    for i, name in enumerate(cfg.bench.scenarios):
-        if name not in RUNNERS:
-            raise ConfigError(f"bench.scenarios[{i}]: unknown scenario {name!r}; known: {', '.join(RUNNERS)}")
+    for i, scenario in enumerate(cfg.bench.scenarios):
+        if scenario not in RUNNERS:
+            raise ConfigError(f"bench.scenarios[{i}]: unknown scenario {scenario!r}; known: {', '.join(RUNNERS)}")
     if "serve" in cfg.bench.scenarios and not (cfg.bench.serve_onediffx or cfg.bench.serve_peer):
         raise ConfigError("bench.serve_onediffx=false needs bench.serve_peer=true: the serve scenario would drive no server")
     if cfg.bench.serve_sizes not in (1, 2):
@@ -107,22 +111,58 @@ def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     mode = cfg.bench.serve_peer_mode
     if mode is not None and mode not in PEER_MODES:
         raise ConfigError(f"bench.serve_peer_mode: unknown torch.compile mode {mode!r}; known: {', '.join(PEER_MODES)}")
+    name = record_name(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     device = resolve_device(cfg.device)
     settings = Settings.from_config(cfg)
-    header = {"device_name": device_name(device), "versions": versions(), "model": cfg.model.name,
+    header = {**provenance(device_name(device), REPO), "scenario": name, "model": cfg.model.name,
               "synthetic": bool(cfg.model.synthetic), "height": settings.height, "width": settings.width,
-              "steps": settings.steps}
+              "steps": settings.steps, "overrides": _overrides()}
     rows: list[dict[str, Any]] = []
-    for name in cfg.bench.scenarios:
-        try:
-            rows += RUNNERS[name](cfg, out_dir)
-        except Exception as err:  # one scenario's failure (an OOM, say) must not lose the others' rows
-            log.exception("bench scenario %s failed", name)
-            rows.append({"scenario": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
-        write_report(out_dir, header, rows)  # after each scenario, so a timeout keeps what was measured
-        gc.collect()
-        empty_cache(device)
+    with GpuWatch((device.index or 0) if device.type == "cuda" else None) as watch:
+        for scenario in cfg.bench.scenarios:
+            try:
+                rows += RUNNERS[scenario](cfg, out_dir)
+            except Exception as err:  # one scenario's failure (an OOM, say) must not lose the others' rows
+                log.exception("bench scenario %s failed", scenario)
+                rows.append({"scenario": scenario, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+            header.update(watch.summary())
+            write_report(out_dir, header, rows)  # after each scenario, so a timeout keeps what was measured
+            gc.collect()
+            empty_cache(device)
+    header.update(watch.summary())
+    header["headline"] = bool(cfg.bench.headline) and header["gpu_alone"] is True
     print(write_report(out_dir, header, rows), flush=True)
+    if cfg.bench.record_dir:
+        path = record_path(Path(cfg.bench.record_dir), header, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_report(path.parent, header, rows, stem=path.stem)
+        print(f"bench record: {path}", flush=True)
+    if cfg.bench.headline and not header["headline"]:
+        raise BenchError(_not_headline(header))
     return {"rows": rows}
+
+
+def record_name(cfg: DictConfig) -> str:
+    """``bench.record_name``, or the model and scenarios (``sdxl-quantize-cold-start``); checked up front."""
+    name = cfg.bench.record_name or "-".join([cfg.model.name, *cfg.bench.scenarios]).replace("_", "-").lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise ConfigError(f"bench.record_name: {name!r} is not a name of lower-case letters, digits and dashes")
+    return name
+
+
+def _overrides() -> list[str]:
+    """The command line's overrides: with the commit, what reruns the record."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _not_headline(header: dict[str, Any]) -> str:
+    if header["gpu_alone"] is None:
+        return ("bench.headline: whether another process used the GPU could not be read (no NVML, or its "
+                "process ids are not this namespace's); the record is written as not headline")
+    others = ", ".join(f"pid {p['pid']} ({p['name'] or '?'}, {p['used_mib']} MiB)" for p in header["gpu_others"])
+    return (f"bench.headline: another process used the GPU during the run ({others}); the record is written "
+            "as not headline: rerun with the GPU to this bench alone")

@@ -270,6 +270,14 @@ class BenchOptions:
     serve_fill_jobs: int = 1
     """``serve`` scenario: onediffx's first start as this many processes at once, each warming its share
     of the sizes into the one graph cache (saves merge); the warm start then loads every shape."""
+    record_dir: Optional[str] = None
+    """Also file the record as ``<record_dir>/<date>-<card>/<record_name>.json`` (and ``.md``), the
+    layout of ``benchmarks/results/``; unset, the record stays in the run's output folder only."""
+    record_name: Optional[str] = None
+    """The scenario name of that record (lower-case, dashes); unset: the model and the scenarios."""
+    headline: bool = False
+    """The record is meant for a headline table: it is marked as one only if no other process used the
+    GPU during the run; otherwise it is written unmarked and the bench exits with an error."""
 
 
 @dataclass
