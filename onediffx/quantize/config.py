@@ -48,6 +48,32 @@ Patterns are ``fnmatch`` patterns on ``<component>.<module path>`` (``unet.time_
 
 
 @dataclass
+class CalibrateConfig:
+    """``quantize.calibrate``: static activation scales from a few calls on the user's own model.
+
+    ``prompts: 0`` (default) keeps the dynamic modes (a scale per activation row, computed per call).
+    Above 0, fp8 and int8 quantize each layer's input with one scale fixed from the largest value
+    it saw over ``prompts`` fixed prompts of ``steps`` steps, which Inductor folds into the kernel
+    that produces the input. Ranges are saved beside the graph cache, keyed by the weights.
+    """
+
+    prompts: int = 0
+    steps: int = 4
+
+    def validate(self, prefix: str) -> None:
+        from .calibrate import PROMPTS
+
+        if not 0 <= self.prompts <= len(PROMPTS):
+            raise ConfigError(f"{prefix}prompts={self.prompts} must be between 0 (no calibration) and {len(PROMPTS)}")
+        if self.steps < 1:
+            raise ConfigError(f"{prefix}steps={self.steps} must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.prompts > 0
+
+
+@dataclass
 class QuantizeConfig:
     """The ``quantize`` config group and ``quantize_pipe``'s options."""
 
@@ -78,6 +104,7 @@ class QuantizeConfig:
     cannot do to quantized weights."""
     keep_originals: KeepOriginals = KeepOriginals.cpu
     """Keep high-precision copies of quantized weights (``cpu``, ``device``, ``none``) for LoRA fusing."""
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     quality: bool = True
     """The ``quantize`` stage generates one image before and one after quantizing (same seed, eager)
     and reports PSNR/SSIM and one UNet output's relative error in metrics.json."""
@@ -90,6 +117,10 @@ class QuantizeConfig:
         for name in self.components:
             if name not in allowed:
                 raise ConfigError(f"{prefix}components: {name!r} is not one of {', '.join(allowed)}")
+        self.calibrate.validate(f"{prefix}calibrate.")
+        if self.calibrate.enabled and QuantizeMode(self.mode) not in (QuantizeMode.fp8, QuantizeMode.int8, QuantizeMode.off):
+            raise ConfigError(f"{prefix}calibrate: {QuantizeMode(self.mode).value} quantizes no activations, so there is "
+                              "nothing to calibrate; use quantize=fp8 or int8, or calibrate.prompts=0")
         if not self.components and self.enabled:
             raise ConfigError(f"{prefix}components is empty; name at least one (e.g. [unet]) or use quantize=off")
 

@@ -55,6 +55,29 @@ def torchao_config(mode: QuantizeMode) -> Any:
     return make(**kwargs)
 
 
+def static_config(mode: QuantizeMode, scale: float, ndim: int, device: torch.device) -> Any:
+    """torchao's static-activation config of one layer: one calibrated per-tensor scale for its input.
+
+    Per-tensor for weights too: torchao's static fp8 takes no other granularity, and per-tensor
+    scales on both sides are what cuBLAS's fastest fp8 path (and int8's ``_int_mm`` epilogue) take.
+    The scale tensor has the input's rank, as torchao's quantizer requires.
+    """
+    quantization = import_torchao()
+    act_scale = torch.full((1,) * ndim, scale, dtype=torch.float32, device=device)
+    mode = QuantizeMode(mode)
+    if mode == QuantizeMode.fp8:
+        make = quantization.Float8StaticActivationFloat8WeightConfig
+    elif mode == QuantizeMode.int8:
+        make = quantization.Int8StaticActivationInt8WeightConfig
+    else:
+        raise ValueError(f"quantize mode {mode.value!r} has no static activations")
+    return make(act_quant_scale=act_scale, granularity=quantization.PerTensor(), set_inductor_config=False)
+
+
+DTYPE_MAX = {QuantizeMode.fp8: 448.0, QuantizeMode.int8: 127.0}
+"""The largest magnitude of each mode's 8-bit type: a calibrated range maps onto it."""
+
+
 def import_torchao() -> Any:
     """``torchao.quantization``, or one line saying how to install it.
 

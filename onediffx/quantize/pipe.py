@@ -25,7 +25,8 @@ from ..compile.fused_qkv import fuse_qkv, projections, share_rows
 from ..errors import ConfigError
 from ..lora.fuse import STATE_ATTR as LORA_STATE
 from .config import KeepOriginals, QuantizeConfig, QuantizeMode
-from .modes import check_supported, needed_dtype, torchao_config
+from .calibrate import calibrated_ranges
+from .modes import DTYPE_MAX, check_supported, needed_dtype, static_config, torchao_config
 from .select import PointwiseConv, Selection, is_pointwise_conv, select
 from .weights import QuantizedWeight, register
 
@@ -48,6 +49,8 @@ class QuantizeState:
     dtype_from: Optional[str] = None
     """The pipeline's dtype before quantizing, when the mode needed another (fp8: bfloat16)."""
     dtype: str = ""
+    calibration: Optional[str] = None
+    """Key of the calibrated ranges behind static activation scales (``None``: dynamic scales)."""
     seconds: float = 0.0
     bytes_before: int = 0
     bytes_after: int = 0
@@ -65,7 +68,7 @@ class QuantizeState:
                            f"kernels); the pipeline was converted from {self.dtype_from}") if self.dtype_from else None,
             "weight_mib_before": round(self.bytes_before / 2**20, 1), "weight_mib_after": round(self.bytes_after / 2**20, 1),
             "conv_1x1": self.config.conv_1x1, "keep_originals": KeepOriginals(self.config.keep_originals).value,
-            "quantize_seconds": round(self.seconds, 3),
+            "quantize_seconds": round(self.seconds, 3), "calibration": self.calibration,
         }
 
 
@@ -168,15 +171,20 @@ def _move_parts(fused_parts: dict[str, tuple[torch.Tensor, list[nn.Linear]]], by
         share_rows(by_name[name], parts, high.to("cpu") if original is None else original)
 
 
-def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig] = None, **overrides: Any) -> Any:
+def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig] = None,
+                  calibration: Any = None, **overrides: Any) -> Any:
     """Quantize the linear layers of the pipeline's ``components`` in place and return the pipeline.
 
     ``mode``: ``fp8`` (compute capability >= 8.9), ``int8`` (Ampere, CPUs), ``fp8_weight_only``,
     ``int8_weight_only``, or ``off``; ``None`` takes ``options.mode``, or ``fp8`` without ``options``.
     ``options`` is a ``QuantizeConfig``; keyword overrides set its fields (``components=["unet",
     "controlnet"]``, ``exclude=["*attn2*"]``, ``min_features=64``, ``conv_1x1=True``, ``fuse_qkv=False``,
-    ``keep_originals="none"``). Call it before ``compile_pipe`` and before fusing LoRAs. fp8 converts
-    the pipeline to bfloat16 (torchao's fp8 kernels take bfloat16).
+    ``keep_originals="none"``, ``calibrate=CalibrateConfig(prompts=4)``). Call it before ``compile_pipe``
+    and before fusing LoRAs. fp8 converts the pipeline to bfloat16 (torchao's fp8 kernels take bfloat16).
+
+    With ``calibrate.prompts > 0`` activations get static scales: ``calibration`` is a folder where the
+    measured ranges are kept (loaded when this model was calibrated before, else measured and saved),
+    a ``calibrate.Ranges`` measured earlier, or ``None`` (measured now, kept nowhere).
     """
     config = options_of(QuantizeMode.fp8 if mode is None and options is None else mode, options, **overrides)
     if not config.enabled:
@@ -203,30 +211,18 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
         log.warning("quantize=%s: converted the pipeline from %s to %s (torchao's fp8 kernels take bfloat16)",
                     QuantizeMode(config.mode).value, state.dtype_from, str(target).replace("torch.", ""))
     state.dtype = str(target).replace("torch.", "")
-    from torchao.quantization import quantize_
-
+    prepared = {path: _prepare(component, path, config) for path, component in found.items()}
+    ranges = None
+    if config.calibrate.enabled:
+        layers = {name: by_name[name] for chosen, by_name in prepared.values() for name in chosen.chosen}
+        ranges = calibrated_ranges(pipe, layers, config, calibration)
+        state.calibration = ranges.key
     for path, component in found.items():
-        if config.fuse_qkv and hasattr(component, "fuse_qkv_projections"):
-            fuse_qkv(component)
-        chosen: Selection = select(component, path, config)
-        names = set(chosen.chosen)
-        _swap_pointwise(component, path, names)
-        by_name = {f"{path}.{p}" if p else path: m for p, m in component.named_modules()}
-        modules = {id(by_name[n]): n for n in chosen.chosen}
-        originals = {n: _keep(by_name[n].weight, KeepOriginals(config.keep_originals)) for n in chosen.chosen}
-        fused_parts = _fused_parts(component, path, names)
-        quantize_(component, torchao, filter_fn=lambda m, fqn: id(m) in modules)
-        _move_parts(fused_parts, by_name, originals)
-        for name in chosen.chosen:
-            weight = by_name[name].weight
-            if not hasattr(weight, "tensor_data_names"):  # torchao declined it (a shape its kernels refuse)
-                chosen.skipped[name] = "left in high precision by torchao"
-                continue
-            record = QuantizedWeight(name, torchao, target, originals[name])
-            register(weight, record)
-            state.records.append(record)
-            state.layers.append(name)
-        state.skipped.update(chosen.skipped)
+        chosen, by_name = prepared[path]
+        configs = {name: torchao if ranges is None else
+                   static_config(config.mode, ranges.scale(name, DTYPE_MAX[QuantizeMode(config.mode)]), ranges.ndim[name], device)
+                   for name in chosen.chosen}
+        _quantize_component(component, path, chosen, by_name, configs, config, target, state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the high-precision weights quantize_ replaced
@@ -235,6 +231,47 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
     object.__setattr__(pipe, STATE_ATTR, state)
     log.info("quantize=%s: %d layers in %.2f s", QuantizeMode(config.mode).value, len(state.layers), state.seconds)
     return pipe
+
+
+def _prepare(component: nn.Module, path: str, config: QuantizeConfig) -> tuple[Selection, dict[str, nn.Module]]:
+    """Fuse q/k/v, choose the layers, turn chosen 1x1 convolutions into linears: the layers as they will
+    run, which is what calibration must observe."""
+    if config.fuse_qkv and hasattr(component, "fuse_qkv_projections"):
+        fuse_qkv(component)
+    chosen: Selection = select(component, path, config)
+    _swap_pointwise(component, path, set(chosen.chosen))
+    return chosen, {f"{path}.{p}" if p else path: m for p, m in component.named_modules()}
+
+
+def _quantize_component(component: nn.Module, path: str, chosen: Selection, by_name: dict[str, nn.Module],
+                        configs: dict[str, Any], config: QuantizeConfig, target: torch.dtype,
+                        state: QuantizeState) -> None:
+    """torchao's ``quantize_`` over the chosen layers, each with its own config; record what it made."""
+    from collections import OrderedDict
+
+    from torchao.quantization import FqnToConfig, quantize_
+
+    names = set(chosen.chosen)
+    originals = {n: _keep(by_name[n].weight, KeepOriginals(config.keep_originals)) for n in chosen.chosen}
+    fused_parts = _fused_parts(component, path, names)
+    shared = {id(c) for c in configs.values()}
+    if len(shared) == 1:  # one config for all (dynamic modes): one pass that filters by module
+        modules = {id(by_name[n]) for n in chosen.chosen}
+        quantize_(component, next(iter(configs.values())), filter_fn=lambda m, fqn: id(m) in modules)
+    elif configs:
+        relative = OrderedDict((n[len(path) + 1:], c) for n, c in configs.items())
+        quantize_(component, FqnToConfig(relative), filter_fn=None)
+    _move_parts(fused_parts, by_name, originals)
+    for name in chosen.chosen:
+        weight = by_name[name].weight
+        if not hasattr(weight, "tensor_data_names"):  # torchao declined it (a shape its kernels refuse)
+            chosen.skipped[name] = "left in high precision by torchao"
+            continue
+        record = QuantizedWeight(name, configs[name], target, originals[name])
+        register(weight, record)
+        state.records.append(record)
+        state.layers.append(name)
+    state.skipped.update(chosen.skipped)
 
 
 def torchao_version() -> Optional[str]:
@@ -259,7 +296,7 @@ def quantize_key(pipe: Any, component: str) -> Optional[dict[str, Any]]:
         return None
     return {"mode": QuantizeMode(state.config.mode).value, "conv_1x1": state.config.conv_1x1,
             "layers": hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16], "count": len(layers),
-            "torchao": torchao_version(), "recipe": _recipe(state)}
+            "torchao": torchao_version(), "recipe": _recipe(state), "calibration": state.calibration}
 
 
 def _recipe(state: QuantizeState) -> Optional[str]:

@@ -9,7 +9,7 @@ reports PSNR, SSIM and one UNet output's relative error.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,7 +49,7 @@ class QuantizeStage(Stage):
 
         config = _config(asm)
         quality = _Quality(asm) if config.quality else None
-        quantize_pipe(asm.pipe, options=config)
+        quantize_pipe(asm.pipe, options=config, calibration=_calibration_folder(asm))
         state = quantize_state(asm.pipe)
         if state.dtype_from is not None:
             import torch
@@ -58,6 +58,11 @@ class QuantizeStage(Stage):
         asm.note(self.name, **state.facts())
         if quality is not None:
             asm.note(self.name, quality=quality.after(asm))
+
+
+def _calibration_folder(asm: Assembly) -> Optional[str]:
+    """Calibrated ranges live beside the graph cache, so a restart reuses both (``None``: cache off)."""
+    return f"{asm.cfg.cache.dir}/calibration" if asm.cfg.cache.enabled else None
 
 
 def _config(asm: Assembly) -> Any:

@@ -1,0 +1,226 @@
+"""Calibration: each quantized layer's input range, measured once on the user's own model and kept.
+
+Dynamic 8-bit modes compute every activation row's scale on every call, which turns the kernel
+that produces the activation into a reduction that reads its output twice: on SDXL that cost more
+than the fp8 matmuls saved. A static scale, fixed ahead of time from the ranges a few real calls
+produce, leaves the producer a multiply and a cast that Inductor fuses into it. This module records
+those ranges (the absolute maximum of each layer's input over a few prompts and steps, fixed seeds,
+so the same model gives the same ranges) and files them as safetensors beside the graph cache,
+under a key of the weights, the mode and the calibration settings: a restart loads them instead of
+calibrating again, and other weights (another checkpoint, a fused LoRA) never reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+PROMPTS = (
+    "a photo of an astronaut riding a horse on the moon",
+    "a watercolor painting of a harbour at dawn, soft light",
+    "close-up portrait of an old fisherman, dramatic lighting, 85mm",
+    "isometric illustration of a tiny cozy library, pastel colors",
+    "a neon-lit street in the rain at night, cinematic",
+    "macro photograph of a dew-covered leaf, bokeh",
+    "a bowl of ramen on a wooden table, studio photo",
+    "an ancient stone castle on a cliff above a stormy sea",
+)
+"""Prompts calibration runs (the first ``prompts`` of them): varied subjects and styles, fixed, so
+calibration of the same weights is repeatable."""
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Absolute maxima of each layer's input (qualified layer name -> float), and what they were measured on."""
+
+    amax: Mapping[str, float]
+    ndim: Mapping[str, int]
+    """Each layer's input rank: torchao's static scale tensor must have the input's number of dimensions."""
+    key: str
+
+    def scale(self, name: str, dtype_max: float) -> float:
+        """The static scale that maps this layer's range onto the 8-bit type's (amax -> ``dtype_max``)."""
+        return max(self.amax[name], 1e-12) / dtype_max
+
+
+def weights_digest(modules: Mapping[str, nn.Module], samples: int = 64) -> str:
+    """A digest of the layers' weights: shapes and a strided sample of each, cheap on any model size.
+
+    Two checkpoints of one architecture differ in every weight, and a fused LoRA moves every layer
+    it targets, so a sample of each weight tells them apart without hashing gigabytes.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        weight = modules[name].weight.detach()
+        flat = weight.reshape(-1)
+        step = max(1, flat.numel() // samples)
+        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
+        digest.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def calibration_key(modules: Mapping[str, nn.Module], mode: str, prompts: int, steps: int,
+                    height: int, width: int) -> str:
+    """What ranges depend on: the weights, the mode (which layers), the prompts, steps and size."""
+    text = json.dumps({"format": FORMAT, "weights": weights_digest(modules), "mode": mode, "prompts": prompts,
+                       "steps": steps, "size": [height, width]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@contextmanager
+def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
+    """While open, each module's input absolute maximum (float32, on its device) and rank are kept.
+
+    The running maxima stay on the device (no synchronisation per layer call) until read.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    handles = []
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            amax = args[0].detach().abs().amax().float()
+            seen[name] = amax if name not in seen else torch.maximum(seen[name], amax)
+            ranks[name] = args[0].dim()
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        yield seen, ranks
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def record_ranges(modules: Mapping[str, nn.Module], run: Callable[[], None], key: str) -> Ranges:
+    """Run ``run`` (the calibration calls) with observers on ``modules``; every module must have seen input."""
+    with torch.no_grad(), observe_inputs(modules) as (seen, ranks):
+        run()
+    missing = sorted(set(modules) - set(seen))
+    if missing:
+        raise RuntimeError(f"calibration: {len(missing)} layers saw no input (first: {missing[0]}); "
+                           "they cannot get a static scale")
+    return Ranges({name: float(value) for name, value in sorted(seen.items())}, dict(sorted(ranks.items())), key)
+
+
+def calibration_calls(pipe: Any, prompts: int, steps: int, height: int, width: int, seed: int = 0) -> Callable[[], None]:
+    """The calls calibration observes: the first ``prompts`` of ``PROMPTS``, ``steps`` steps each, latents
+    only (the VAE is not quantized), each prompt with its own fixed seed."""
+    device = getattr(pipe, "device", torch.device("cpu"))
+
+    def run() -> None:
+        for i, prompt in enumerate(PROMPTS[:prompts]):
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            pipe(prompt=prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
+                 output_type="latent")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
+def path_for(folder: Path, key: str) -> Path:
+    return Path(folder) / f"calibration-{key}.safetensors"
+
+
+def save(ranges: Ranges, folder: Path) -> Path:
+    """Write ``calibration-<key>.safetensors`` atomically (a reader never sees half a file)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = path_for(folder, ranges.key)
+    names = list(ranges.amax)
+    tensors = {"amax": torch.tensor([ranges.amax[n] for n in names], dtype=torch.float32),
+               "ndim": torch.tensor([ranges.ndim[n] for n in names], dtype=torch.int32)}
+    metadata = {"format": str(FORMAT), "key": ranges.key, "layers": json.dumps(names)}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(folder: Path, key: str) -> Optional[Ranges]:
+    """The ranges saved under ``key``, or ``None`` (none saved, or a file that is not a calibration of this key)."""
+    from safetensors import safe_open
+
+    path = path_for(folder, key)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            amax, ndim = f.get_tensor("amax"), f.get_tensor("ndim")
+        names = json.loads(metadata.get("layers", "[]"))
+    except Exception:  # unreadable or foreign: calibrate again rather than trust it
+        return None
+    if metadata.get("key") != key or metadata.get("format") != str(FORMAT) or not isinstance(names, list) \
+            or amax.shape != (len(names),) or ndim.shape != (len(names),) or not torch.isfinite(amax).all():
+        return None
+    return Ranges({str(n): float(v) for n, v in zip(names, amax.tolist())},
+                  {str(n): int(d) for n, d in zip(names, ndim.tolist())}, key)
+
+
+def default_size(pipe: Any) -> tuple[int, int]:
+    """The pipeline's own default image size (SDXL: 1024²), where calibration runs."""
+    side = getattr(pipe, "default_sample_size", None) or 64
+    return side * getattr(pipe, "vae_scale_factor", 8), side * getattr(pipe, "vae_scale_factor", 8)
+
+
+def _text_to_image(pipe: Any) -> None:
+    """Calibration makes its own calls from prompts alone; a pipeline that needs images cannot be driven so."""
+    import inspect
+
+    needs = [name for name, p in inspect.signature(pipe.__call__).parameters.items()
+             if name in ("image", "control_image", "mask_image") and p.default is inspect.Parameter.empty]
+    if needs or type(pipe).__name__.endswith(("ControlNetPipeline", "Img2ImgPipeline", "InpaintPipeline",
+                                              "VideoDiffusionPipeline")):
+        raise ConfigError(f"quantize.calibrate: {type(pipe).__name__} needs input images, which calibration does not "
+                          "have; pass ranges measured on its text-to-image sibling (quantize_pipe(calibration=...)), "
+                          "or use calibrate.prompts=0 (dynamic scales)")
+
+
+def calibrated_ranges(pipe: Any, layers: Mapping[str, nn.Module], config: Any, calibration: Any) -> Ranges:
+    """Ranges for ``layers``: given, loaded from the ``calibration`` folder under this model's key, or
+    measured now (and saved there)."""
+    if isinstance(calibration, Ranges):
+        missing = sorted(set(layers) - set(calibration.amax))
+        if missing:
+            raise ConfigError(f"quantize_pipe: calibration has no range for {len(missing)} layers to quantize "
+                              f"(first: {missing[0]}); calibrate this pipeline with the same quantize options")
+        return calibration
+    mode = getattr(config.mode, "value", config.mode)
+    height, width = default_size(pipe)
+    key = calibration_key(layers, mode, config.calibrate.prompts, config.calibrate.steps, height, width)
+    folder = Path(calibration) if calibration is not None else None
+    found = load(folder, key) if folder is not None else None
+    if found is not None and set(layers) <= set(found.amax):
+        return found
+    _text_to_image(pipe)
+    ranges = record_ranges(layers, calibration_calls(pipe, config.calibrate.prompts, config.calibrate.steps,
+                                                     height, width), key)
+    if folder is not None:
+        save(ranges, folder)
+    return ranges
