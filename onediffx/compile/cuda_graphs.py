@@ -52,7 +52,7 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     cuBLAS keeps a workspace for each stream it has run on (33 MiB on an H200) until the process
     ends. A new stream per capture cost one workspace per captured graph, never given back: 200 MiB
     for the tiny SDXL's six graphs, 0.13 GiB after a compiled SDXL row of the bench on an H200
-    (``benchmarks/release_check.py``).
+    (``benchmarks/scripts/release_check.py``).
     """
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)

@@ -7,7 +7,7 @@ object there as ``tmp`` (``tmp0``, ...) and deletes it after the evaluation, but
 evaluation raises, which Dynamo catches and carries on from. The object then lives as long as the
 process, and every guard built afterwards copies the scope, and the object with it, into its own
 closure. On an H200 every compiled tiny SDXL kept an up block of its UNet alive after the pipeline was
-released (``benchmarks/release_check.py``, fourteenth session; SDXL's largest up block is 2.25 GiB in
+released (``benchmarks/scripts/release_check.py``; SDXL's largest up block is 2.25 GiB in
 bf16, and 2.61 GiB stayed allocated after the bench released a compiled SDXL).
 
 ``install`` wraps ``ChainedSource.get_value`` so that a failed evaluation removes what it parked, and
