@@ -121,7 +121,8 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
     """Rows: eager, the diffusers-docs recipe, onediffx unquantized, onediffx per ``bench.quantize_modes``."""
     settings = Settings.from_config(cfg)
     device = asm.device
-    modes = [m for m in (OmegaConf.select(cfg, "bench.quantize_modes") or ["fp8", "int8"]) if m != "off"]
+    chosen = OmegaConf.select(cfg, "bench.quantize_modes")  # [] is a choice: no quantized rows
+    modes = [m for m in (["fp8", "int8"] if chosen is None else chosen) if m != "off"]
     probe = UNetProbe(asm.pipe.unet)
     with capture_first_call(asm.pipe.unet) as captured:
         first_s, _ = timed(lambda: generate(asm, settings), device)
