@@ -13,9 +13,10 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..compile.config import CompileConfig, OnMiss
+from ..errors import ConfigError
 from ..deep_cache.config import DeepCacheConfig
 from ..quantize.config import QuantizeConfig
 from ..instantid.config import FaceConfig
@@ -70,6 +71,43 @@ class LoraEntry:
     """Defaults to the entry's key in ``lora``."""
     base: Optional[str] = None
     """Base family it was trained for (``sd15``, ``sdxl``), shown by ``onediffx list``."""
+
+
+@dataclass
+class LoraStack:
+    """The ``lora`` group typed: its entries in fuse order, each ``adapter_name`` resolved once.
+
+    The schema keeps ``lora`` an untyped mapping (see ``RunConfig.lora``), and an entry's default
+    adapter name is its key, which the entry alone does not know: the stack fills it in
+    ``__post_init__``, so the stage, the server and batch runs read ``entry.adapter_name`` only.
+    """
+
+    entries: Dict[str, LoraEntry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, entry in self.entries.items():
+            if entry.adapter_name is None:
+                entry.adapter_name = key
+
+    @classmethod
+    def from_config(cls, node: Optional[DictConfig]) -> "LoraStack":
+        """The stack of a composed ``lora`` node (entries typed by ``validate`` or still plain mappings)."""
+        entries = {}
+        for key in (node or {}).keys():
+            entry = node._get_node(key)
+            if OmegaConf.get_type(entry) is not LoraEntry:
+                entry = OmegaConf.merge(OmegaConf.structured(LoraEntry), entry)
+            entries[str(key)] = OmegaConf.to_object(entry)
+        return cls(entries=entries)
+
+    def validate(self, prefix: str = "lora.") -> None:
+        """Two entries may not load under one adapter name (the second would replace the first)."""
+        seen: dict[str, str] = {}
+        for key, entry in self.entries.items():
+            name = entry.adapter_name
+            if name in seen:
+                raise ConfigError(f"{prefix}{key}: adapter name {name!r} is also used by {prefix}{seen[name]}")
+            seen[name] = key
 
 
 @dataclass
