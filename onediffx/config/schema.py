@@ -362,6 +362,46 @@ class ServeConfig:
     model_id: Optional[str] = None
     """The name ``/v1/models`` lists; ``None``: ``model.name``."""
 
+    @property
+    def replica_count(self) -> Optional[int]:
+        """``replicas`` parsed: the number asked for, ``None`` for ``all``; ``ConfigError`` otherwise.
+
+        The one reading of the string, for the local engine and Ray alike (each counts ``all`` its own way).
+        """
+        wanted = str(self.replicas).strip().lower()
+        if wanted == "all":
+            return None
+        if wanted.isdigit() and int(wanted) >= 1:
+            return int(wanted)
+        raise ConfigError(f"serve.replicas: {self.replicas!r} is not allowed; expected a number >= 1 or 'all'")
+
+    def validate(self, prefix: str = "serve.") -> None:
+        """Ranges types cannot express, each failure naming its key and what is allowed; before anything listens."""
+        checks = [
+            ("port", self.port, 0 <= self.port <= 65535, "a port from 0 to 65535"),
+            ("max_batch", self.max_batch, 1 <= self.max_batch <= 256, "an integer from 1 to 256"),
+            ("batch_wait_ms", self.batch_wait_ms, 0 <= self.batch_wait_ms <= 60_000, "0 to 60000 ms"),
+            ("lora_affinity_ms", self.lora_affinity_ms, 0 <= self.lora_affinity_ms <= 600_000, "0 to 600000 ms"),
+            ("queue_limit", self.queue_limit, self.queue_limit >= 1, "an integer >= 1"),
+            ("request_timeout_s", self.request_timeout_s, self.request_timeout_s > 0, "a number of seconds > 0"),
+            ("max_steps", self.max_steps, self.max_steps >= 1, "an integer >= 1"),
+            ("max_size", self.max_size, self.max_size >= 8 and self.max_size % 8 == 0, "a multiple of 8, at least 8"),
+            ("max_prompt_chars", self.max_prompt_chars, self.max_prompt_chars >= 1, "an integer >= 1"),
+            ("deepcache", self.deepcache, self.deepcache is None or self.deepcache >= 1, "null or an interval >= 1"),
+            ("batch_sizes", list(self.batch_sizes), all(1 <= b <= self.max_batch for b in self.batch_sizes)
+             and (not self.batch_sizes or max(self.batch_sizes) == self.max_batch),
+             f"sizes from 1 to {prefix}max_batch={self.max_batch}, the largest equal to it (every call must fit one)"),
+        ]
+        for key, value, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{prefix}{key}: {value!r} is not allowed; expected {allowed}")
+        self.replica_count  # noqa: B018  (raises on a value that is neither a number nor "all")
+
+
+def serve_options(cfg: DictConfig) -> ServeConfig:
+    """The composed ``serve`` group as a ``ServeConfig`` (its ``validate`` has run in ``check_serve``)."""
+    return OmegaConf.to_object(cfg.serve)
+
 
 @dataclass
 class ServeRunConfig(RunConfig):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig
 
 from ..assembly import Assembly
-from ..config.schema import ShapeConfig
+from ..config.schema import ShapeConfig, serve_options
 from ..errors import ConfigError
 from ..generate import Settings, generate
 from ..resolver import assemble
@@ -27,14 +27,9 @@ def replica_devices(cfg: DictConfig) -> list[str]:
     """The device of each replica ``serve.replicas`` asks for (``N`` or ``all``)."""
     import torch
 
-    wanted = str(cfg.serve.replicas).strip().lower()
+    wanted = serve_options(cfg).replica_count
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else 0
-    if wanted == "all":
-        count = max(gpus, 1)
-    elif wanted.isdigit() and int(wanted) >= 1:
-        count = int(wanted)
-    else:
-        raise ConfigError(f"serve.replicas: {cfg.serve.replicas!r} is not allowed; expected a number >= 1 or 'all'")
+    count = max(gpus, 1) if wanted is None else wanted
     if gpus:
         if count > gpus:
             raise ConfigError(f"serve.replicas: {count} replicas but {gpus} GPU(s) are visible; "
