@@ -16,6 +16,7 @@ from .compile.backends import resolve_backend
 from .compile import preload as compiler_preload
 from .config import validate
 from .device import check_memory, resolve_device, resolve_dtype, synchronize
+from .generate import Settings
 from .models.loader import load_pipeline
 from .plugin_loader import load_plugins
 from .registry import get_stage
@@ -48,7 +49,8 @@ def _compiles(cfg: DictConfig, device) -> bool:
 
 def _call_shapes(cfg: DictConfig) -> list[tuple[int, int, int]]:
     """(height, width, images per call) of the run's own calls and of each warm-up shape."""
-    shapes = [(cfg.height or cfg.model.height, cfg.width or cfg.model.width, cfg.num_images)]
+    run = Settings.from_config(cfg)
+    shapes = [(run.height, run.width, cfg.num_images)]
     return shapes + [(s.height, s.width, s.batch) for s in cfg.warmup.shapes]
 
 
