@@ -39,10 +39,16 @@ class Assembly:
     """After a hit, ``load-graph``'s check that the first call compiled nothing (``stages.graph_cache``)."""
     progressive: Any = None
     """The background compile of ``compile.progressive`` while it is in flight (``stages.progressive``)."""
+    stages: tuple[str, ...] = ()
+    """The planned stage names, in order (``resolver.plan``): listed, whether enabled or not."""
     _before_call: list[Hook] = field(default_factory=list, repr=False)
     _after_call: list[Hook] = field(default_factory=list, repr=False)
     _on_close: list[Hook] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
+
+    def planned(self, stage: str) -> bool:
+        """Whether ``stage`` is in this assembly's plan: a stage asks this rather than reading ``cfg.stages``."""
+        return stage in self.stages
 
     def note(self, stage: str, **facts: Any) -> None:
         """Record facts about a stage for metrics.json."""

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .config.limits import LIMITS, is_number, text_problem
+from .config.schema import LoraStack
 from .commands.outputs import job_facts, print_startup, say_done
 from .device import peak_memory_gib, reset_peak_memory
 from .errors import ConfigError, NonFiniteError, NotAvailableError, NotFoundError
@@ -120,15 +121,15 @@ def parse_line(text: str, index: int, line: int, cfg: DictConfig) -> PromptItem:
         if name not in stack:
             have = f"the stack is lora=[{','.join(stack)}]" if stack else "the run has no LoRA stack"
             raise ValueError(f"lora_scales: {name!r} is not in the LoRA stack ({have}); add it with lora=[...]")
-    model = cfg.model
+    run = Settings.from_config(cfg)  # what a line leaves out, it takes from the run
     return PromptItem(
         index=index, line=line, prompt=data["prompt"],
         negative_prompt=data.get("negative_prompt", cfg.negative_prompt),
         seed=data.get("seed", cfg.seed),
-        height=data.get("height", cfg.height or model.height),
-        width=data.get("width", cfg.width or model.width),
-        steps=data.get("steps", cfg.steps or model.steps),
-        guidance=float(data.get("guidance", model.guidance if cfg.guidance is None else cfg.guidance)),
+        height=data.get("height", run.height),
+        width=data.get("width", run.width),
+        steps=data.get("steps", run.steps),
+        guidance=float(data.get("guidance", run.guidance)),
         lora_scales={k: float(v) for k, v in data.get("lora_scales", {}).items()},
     )
 
@@ -222,7 +223,8 @@ class LoraScales:
     """Re-fuses the LoRA stack when a line's scales differ from what is fused now."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.entries = [(key, entry.adapter_name or key, float(entry.scale)) for key, entry in cfg.lora.items()]
+        stack = LoraStack.from_config(cfg.lora).entries
+        self.entries = [(key, entry.adapter_name, float(entry.scale)) for key, entry in stack.items()]
         self.current = [scale for _, _, scale in self.entries]
 
     def apply(self, pipe: Any, item: PromptItem) -> None:

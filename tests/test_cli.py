@@ -47,6 +47,9 @@ def test_sweep_writes_one_folder_per_job(tmp_path):
         ("steps=0", "steps: 0 is not allowed; expected an integer from 1 to 1000"),
         ("height=63", "height: 63 is not allowed; expected a multiple of 8 from 8 to 16384"),
         ("stages=[lora-fuse,nope]", "stages[1]: unknown stage 'nope'"),
+        ("stages=[warmup,compile,load-graph]", "stages: 'warmup' must come after 'compile' (it uses what compile "
+         "leaves); list compile before warmup"),
+        ("compile.regions=[1bad]", "compile.regions: '1bad' is not a class name"),
         ("model.path=/does/not/exist", "model.path: '/does/not/exist' does not exist"),
         ("guidance=abc", "guidance: Value 'abc' of type 'str' could not be converted to Float"),
         ("model=sdxl", "model.pretrained: 'stabilityai/stable-diffusion-xl-base-1.0' is not in the local Hugging Face cache"),

@@ -79,3 +79,17 @@ def test_model_entries_name_allowlisted_pipelines(compose_run):
         model = compose_run(f"model={name}").model
         assert model.pipeline in PIPELINES and model.pretrained and model.arch
         OmegaConf.to_object(model)
+
+
+def test_serve_config_validates_itself_and_parses_replicas_once():
+    from onediffx.config.schema import ServeConfig
+
+    assert ServeConfig(replicas="all").replica_count is None and ServeConfig(replicas=" 3 ").replica_count == 3
+    with pytest.raises(ConfigError, match=r"^serve\.replicas: 'two' is not allowed; expected a number >= 1 or 'all'$"):
+        ServeConfig(replicas="two").validate()
+    with pytest.raises(ConfigError, match=r"^serve\.batch_sizes: \[1, 2\] is not allowed; expected sizes from 1 to "
+                                          r"serve\.max_batch=4"):
+        ServeConfig(batch_sizes=[1, 2]).validate()
+    with pytest.raises(ConfigError, match=r"^serve\.port: 70000 is not allowed"):
+        ServeConfig(port=70000).validate()
+    ServeConfig(batch_sizes=[1, 2, 4], replicas="2").validate()  # a good one passes

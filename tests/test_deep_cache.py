@@ -23,11 +23,12 @@ from onediffx.deep_cache import (
     helper_branch_id,
     pipeline_unet,
 )
+from onediffx.deep_cache.config import DeepCacheConfig
 from onediffx.deep_cache.layout import replay_plan, skip_index_from_branch, skip_index_from_layer_block
 from onediffx.deep_cache.schedule import nonuniform, uniform
 from onediffx.errors import ConfigError
 from onediffx.models.tiny import tiny_controlnet, tiny_sd, tiny_sdxl, tiny_svd
-from onediffx.stages.base import Assembly
+from onediffx.stages.base import Assembly, read_options
 from onediffx.stages.deepcache import DeepCacheStage
 
 STEPS = 4
@@ -221,9 +222,10 @@ def assembly(pipe, **deepcache) -> Assembly:
 def test_stage_matches_pipeline_class():
     asm = assembly(tiny_sd(), cache_interval=3, cache_layer_id=0, cache_block_id=1)
     stage = DeepCacheStage()
-    stage.check(asm.cfg)
-    assert stage.enabled(asm)
-    stage.apply(asm)
+    options = read_options(stage, asm.cfg)
+    assert isinstance(options, DeepCacheConfig) and (options.cache_interval, options.cache_block_id) == (3, 1)
+    assert stage.enabled(asm, options)
+    stage.apply(asm, options)
     assert isinstance(asm.pipe, diffusers.StableDiffusionPipeline)
     assert asm.report["deepcache"]["skip_index"] == 2
     reference = StableDiffusionPipeline(**tiny_sd().components, requires_safety_checker=False)
@@ -239,7 +241,8 @@ def test_stage_matches_pipeline_class():
 ])
 def test_stage_rejects_out_of_range_ids(ids, match):
     with pytest.raises(ConfigError, match=match):
-        DeepCacheStage().apply(assembly(tiny_sd(), **ids))
+        asm = assembly(tiny_sd(), **ids)
+        DeepCacheStage().apply(asm, read_options(DeepCacheStage, asm.cfg))
 
 
 def test_stage_rejects_unsupported_pipeline_in_one_line():
@@ -249,15 +252,19 @@ def test_stage_rejects_unsupported_pipeline_in_one_line():
         scheduler=diffusers.DDPMScheduler(),
     )
     with pytest.raises(ConfigError, match="DDPMPipeline is not supported .*UNet2DModel") as err:
-        DeepCacheStage().apply(assembly(pipe))
+        asm = assembly(pipe)
+        DeepCacheStage().apply(asm, read_options(DeepCacheStage, asm.cfg))
     assert "\n" not in str(err.value)
 
 
 def test_stage_check_rejects_bad_values():
     with pytest.raises(ConfigError, match=r"deepcache\.cache_interval=0"):
-        DeepCacheStage().check(assembly(None, cache_interval=0).cfg)
+        read_options(DeepCacheStage, assembly(None, cache_interval=0).cfg)
     with pytest.raises(ConfigError, match=r"deepcache\.cache_layer_id=-1 must be >= 0"):
-        DeepCacheStage().check(assembly(None, cache_layer_id=-1).cfg)
+        read_options(DeepCacheStage, assembly(None, cache_layer_id=-1).cfg)
+    off = assembly(None, cache_interval=0).cfg
+    off.deepcache.enabled = False
+    assert read_options(DeepCacheStage, off).cache_interval == 0  # a disabled group's values are never used
     with pytest.raises(ValidationError, match=r"Invalid value 'quadratic', expected one of \[uniform, nonuniform\]"):
         assembly(None, schedule="quadratic")  # an Enum: the config refuses it at composition
     with pytest.raises(ConfigError, match=r"schedule='quadratic' is not one of: uniform, nonuniform"):

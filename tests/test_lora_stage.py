@@ -17,7 +17,7 @@ from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sd, tiny_sdxl
 from onediffx.registry import get_stage
 from onediffx.resources import conf_dir
-from onediffx.stages.base import Assembly
+from onediffx.stages.base import Assembly, read_options
 
 CONF_LORA = conf_dir() / "lora"
 
@@ -35,6 +35,12 @@ def run_config(**entries) -> OmegaConf:
     return cfg
 
 
+def lora_stage(cfg):
+    """The stage and its typed options, as ``plan()`` makes them."""
+    stage = get_stage("lora-fuse")()
+    return stage, read_options(stage, cfg)
+
+
 @pytest.fixture
 def two_files(tmp_path):
     targets = lora_targets(tiny_sdxl())
@@ -46,12 +52,13 @@ def test_stage_fuses_the_stack_like_the_api(two_files):
 
     cfg = run_config(first={"source": str(two_files[0]), "scale": 0.8},
                      second={"source": str(two_files[1]), "scale": -0.5, "adapter_name": "custom"})
-    stage = get_stage("lora-fuse")()
-    stage.check(cfg)
+    stage, stack = lora_stage(cfg)
+    assert [e.adapter_name for e in stack.entries.values()] == ["first", "custom"]  # the key, unless given
+    stage.check(stack, cfg)
     asm = Assembly(pipe=tiny_sdxl(), cfg=cfg, device=torch.device("cpu"), dtype=torch.float32)
     original = weights(asm.pipe)
-    assert stage.enabled(asm)
-    stage.apply(asm)
+    assert stage.enabled(asm, stack)
+    stage.apply(asm, stack)
 
     reference = tiny_sdxl()
     for name, path in (("first", two_files[0]), ("custom", two_files[1])):
@@ -73,12 +80,12 @@ def test_originals_on_the_device_fuse_the_same_and_switch_exactly(two_files):
     cfg = run_config(first={"source": str(two_files[0])}, second={"source": str(two_files[1]), "scale": 0.5})
     cfg.lora_originals = "device"
     asm = Assembly(pipe=tiny_sdxl(), cfg=cfg, device=torch.device("cpu"), dtype=torch.float32)
-    get_stage("lora-fuse")().apply(asm)
+    lora_stage(cfg)[0].apply(asm, lora_stage(cfg)[1])
     assert asm.report["lora-fuse"]["originals"] == "device"
     reference = Assembly(pipe=tiny_sdxl(), cfg=run_config(first={"source": str(two_files[0])},
                          second={"source": str(two_files[1]), "scale": 0.5}), device=torch.device("cpu"),
                          dtype=torch.float32)
-    get_stage("lora-fuse")().apply(reference)
+    lora_stage(reference.cfg)[0].apply(reference, lora_stage(reference.cfg)[1])
     fused, expected = weights(asm.pipe), weights(reference.pipe)
     assert all(torch.equal(fused[k], expected[k]) for k in fused)
     for names, scales in ((["second"], [1.0]), (["first", "second"], [1.0, 0.5])):
@@ -89,25 +96,31 @@ def test_originals_on_the_device_fuse_the_same_and_switch_exactly(two_files):
 def test_stage_is_a_no_op_without_loras():
     cfg = run_config()
     asm = Assembly(pipe=None, cfg=cfg, device=torch.device("cpu"), dtype=torch.float32)
-    assert not get_stage("lora-fuse")().enabled(asm)
+    stage, stack = lora_stage(cfg)
+    assert not stage.enabled(asm, stack)
 
 
 def test_stage_refuses_missing_and_misfit_loras_naming_the_entry(two_files, tmp_path):
-    stage = get_stage("lora-fuse")()
+    def check(cfg):
+        stage, stack = lora_stage(cfg)
+        stage.check(stack, cfg)
+
     with pytest.raises(NotFoundError, match=r"^lora\.gone: LoRA .*gone\.safetensors: no such file"):
-        stage.check(run_config(gone={"source": str(tmp_path / "gone.safetensors")}))
+        check(run_config(gone={"source": str(tmp_path / "gone.safetensors")}))
     with pytest.raises(ConfigError, match=r"lora\.old: made for sd15 but model tiny_xl is sdxl"):
-        stage.check(run_config(old={"source": str(two_files[0]), "base": "sd15"}))
+        check(run_config(old={"source": str(two_files[0]), "base": "sd15"}))
+    with pytest.raises(ConfigError, match=r"^lora\.b: adapter name 'a' is also used by lora\.a$"):
+        check(run_config(a={"source": str(two_files[0])}, b={"source": str(two_files[1]), "adapter_name": "a"}))
 
     # an SD 1.5 LoRA after a good one: nothing is fused, nothing stays loaded
     sd15 = save_kohya(random_lora(lora_targets(tiny_sd()), 4, seed=3), tmp_path / "sd15.safetensors",
                       te_prefixes=("lora_te_", ""))
     cfg = run_config(good={"source": str(two_files[0])}, sd15={"source": str(sd15)})
-    stage.check(cfg)
+    check(cfg)
     asm = Assembly(pipe=tiny_sdxl(), cfg=cfg, device=torch.device("cpu"), dtype=torch.float32)
     before = weights(asm.pipe)
     with pytest.raises(LoraMismatchError, match=r"^lora\.sd15: LoRA .*sd15\.safetensors does not fit"):
-        get_stage("lora-fuse")().apply(asm)
+        lora_stage(cfg)[0].apply(asm, lora_stage(cfg)[1])
     assert all(torch.equal(v, before[k]) for k, v in weights(asm.pipe).items())
     assert not state_of(asm.pipe).adapters
 
@@ -128,4 +141,5 @@ def test_stack_composes_in_list_order_with_overrides(compose_run, monkeypatch, t
     assert list(cfg.lora) == ["metal", "emoji"]
     assert cfg.lora.emoji.scale == 0.3 and cfg.lora.metal.source == f"{tmp_path}/sdxl_metal_lora.safetensors"
     with pytest.raises(NotFoundError, match=r"^lora\.metal: .*sdxl_metal_lora\.safetensors: no such file"):
-        get_stage("lora-fuse")().check(cfg)
+        stage, stack = lora_stage(cfg)
+        stage.check(stack, cfg)

@@ -32,3 +32,12 @@ def test_plugin_options_are_validated(compose_run):
 def test_unknown_plugin_is_one_clear_error(compose_run):
     with pytest.raises(ConfigError, match=r"plugins: unknown plugin 'nope'; available: .*vae_tiling"):
         plan(compose_run("plugins=[nope]"))
+
+
+def test_the_plugin_stage_gets_typed_options_and_its_declared_order(compose_run):
+    ((stage, options),) = plan(compose_run("plugins=[vae_tiling]", "stages=[vae-tiling]",
+                                           "+plugin_options.vae_tiling.tile_size=512"))
+    assert stage.name == "vae-tiling" and type(options) is stage.options and stage.options.__name__ == "VaeTilingOptions"
+    assert (options.tile_size, options.overlap, options.enabled) == (512, 0.25, True)  # the rest from defaults
+    with pytest.raises(ConfigError, match=r"^stages: 'warmup' must come after 'vae-tiling' .*list vae-tiling before warmup"):
+        plan(compose_run("plugins=[vae_tiling]", "stages=[compile,warmup,vae-tiling]"))

@@ -38,10 +38,11 @@ def _timed_run(cmd: list[str], env: dict[str, str], timeout: int) -> tuple[subpr
 
 
 def _model_overrides(cfg: DictConfig) -> list[str]:
-    model = cfg.model
+    from ..generate import Settings
+
+    model, run = cfg.model, Settings.from_config(cfg)
     out = [f"model={model.name}", f"model.synthetic={str(model.synthetic).lower()}"]
-    return out + [f"height={cfg.height or model.height}", f"width={cfg.width or model.width}",
-                  f"steps={cfg.steps or model.steps}"]
+    return out + [f"height={run.height}", f"width={run.width}", f"steps={run.steps}"]
 
 
 def _onediffx(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:
@@ -68,10 +69,12 @@ def _onediffx(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str
 
 def _script(module: str, cfg: DictConfig, *extra: str) -> list[str]:
     """``python -m <module>`` with the bench's model and call settings, as the bench scripts take them."""
-    model = cfg.model
+    from ..generate import Settings
+
+    model, run = cfg.model, Settings.from_config(cfg)
     source = ["--builtin", model.builtin] if model.builtin else ["--arch", model.arch]
-    return [sys.executable, "-m", module, *source, "--height", str(cfg.height or model.height),
-            "--width", str(cfg.width or model.width), "--steps", str(cfg.steps or model.steps), *extra]
+    return [sys.executable, "-m", module, *source, "--height", str(run.height),
+            "--width", str(run.width), "--steps", str(run.steps), *extra]
 
 
 def _library(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:

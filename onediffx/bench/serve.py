@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from ..client import AsyncClient, Client
 from ..errors import ConfigError
+from ..generate import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def _free_port() -> int:
 
 def _sizes(cfg: DictConfig) -> list[tuple[int, int]]:
     """(height, width): the run's size and (``bench.serve_sizes=2``) a landscape one three quarters as tall."""
-    height, width = cfg.height or cfg.model.height, cfg.width or cfg.model.width
+    run = Settings.from_config(cfg)
+    height, width = run.height, run.width
     return [(height, width), (max(8, height * 3 // 4 // 8 * 8), width)][:cfg.bench.serve_sizes]
 
 
@@ -88,7 +90,7 @@ def _loras(cfg: DictConfig, folder: Path) -> dict[str, Path]:
 
 def request_mix(cfg: DictConfig, count_: int, start: int = 0) -> list[dict[str, Any]]:
     """The fixed mix: sizes and LoRAs alternate so that every batch key recurs."""
-    sizes, steps = _sizes(cfg), cfg.steps or cfg.model.steps
+    sizes, steps = _sizes(cfg), Settings.from_config(cfg).steps
     out = []
     for i in range(start, start + count_):
         height, width = sizes[i % len(sizes)]
@@ -168,7 +170,7 @@ def _onediffx(cfg: DictConfig, work: Path, label: str, sizes: Optional[list[tupl
     shapes = ",".join(f"{{height:{h},width:{w},batch:1}}" for h, w in sizes)
     cmd = [sys.executable, "-m", "onediffx", "serve", f"model={model.name}",
            f"model.synthetic={str(model.synthetic).lower()}", f"compile={cfg.bench.compile_preset}",
-           f"height={sizes[0][0]}", f"width={sizes[0][1]}", f"steps={cfg.steps or model.steps}",
+           f"height={sizes[0][0]}", f"width={sizes[0][1]}", f"steps={Settings.from_config(cfg).steps}",
            f"cache.dir={cfg.bench.serve_cache or work / 'graphs'}", f"hydra.searchpath=[file://{work / 'conf'}]", "lora=[l1,l2]",
            f"warmup.shapes=[{shapes}]", "warmup.on_cache_hit=run", f"serve.port={port}",
            f"serve.max_batch={cfg.bench.serve_max_batch}", f"serve.batch_sizes=[{','.join(map(str, batch_sizes))}]",

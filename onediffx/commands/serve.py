@@ -15,7 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..errors import ConfigError, NotAvailableError
+from ..config.schema import serve_options
+from ..errors import NotAvailableError
 from ..launch import startup_table
 from ..resolver import plan
 
@@ -31,26 +32,8 @@ def _server_stack() -> Any:
 
 
 def check_serve(cfg: DictConfig) -> None:
-    """``serve.*`` ranges, each failure naming its key and what is allowed."""
-    s = cfg.serve
-    checks = [
-        ("serve.port", s.port, 0 <= s.port <= 65535, "a port from 0 to 65535"),
-        ("serve.max_batch", s.max_batch, 1 <= s.max_batch <= 256, "an integer from 1 to 256"),
-        ("serve.batch_wait_ms", s.batch_wait_ms, 0 <= s.batch_wait_ms <= 60_000, "0 to 60000 ms"),
-        ("serve.lora_affinity_ms", s.lora_affinity_ms, 0 <= s.lora_affinity_ms <= 600_000, "0 to 600000 ms"),
-        ("serve.queue_limit", s.queue_limit, s.queue_limit >= 1, "an integer >= 1"),
-        ("serve.request_timeout_s", s.request_timeout_s, s.request_timeout_s > 0, "a number of seconds > 0"),
-        ("serve.max_steps", s.max_steps, s.max_steps >= 1, "an integer >= 1"),
-        ("serve.max_size", s.max_size, s.max_size >= 8 and s.max_size % 8 == 0, "a multiple of 8, at least 8"),
-        ("serve.max_prompt_chars", s.max_prompt_chars, s.max_prompt_chars >= 1, "an integer >= 1"),
-        ("serve.deepcache", s.deepcache, s.deepcache is None or s.deepcache >= 1, "null or an interval >= 1"),
-        ("serve.batch_sizes", list(s.batch_sizes), all(1 <= b <= s.max_batch for b in s.batch_sizes)
-         and (not s.batch_sizes or max(s.batch_sizes) == s.max_batch),
-         f"sizes from 1 to serve.max_batch={s.max_batch}, the largest equal to it (every call must fit one)"),
-    ]
-    for key, value, ok, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+    """``serve.*`` checked by ``ServeConfig.validate``, before anything listens or loads."""
+    serve_options(cfg).validate("serve.")
 
 
 def serve_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:

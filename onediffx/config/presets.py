@@ -20,10 +20,17 @@ def preset_names(group: str) -> list[str]:
 
 
 def load_preset(group: str, name: str) -> DictConfig:
-    """``conf/<group>/<name>.yaml`` as a config node; a ``ConfigError`` naming the presets if unknown."""
+    """``conf/<group>/<name>.yaml`` as a config node; a ``ConfigError`` naming the presets if unknown.
+
+    A preset that extends others of its group (``defaults: [inductor, _self_]``, as Hydra composes
+    it) is merged over them here too, so the library reads what the CLI composes.
+    """
     names = preset_names(group)
     if name not in names:
         raise ConfigError(f"{group}: unknown preset {name!r}; presets: {', '.join(names) or 'none'}")
     node = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
     assert isinstance(node, DictConfig)
-    return node
+    defaults = list(node.pop("defaults", []))
+    if (defaults and defaults[-1] != "_self_") or any(not isinstance(d, str) for d in defaults):
+        raise ConfigError(f"conf/{group}/{name}.yaml: defaults may list only presets of {group}, then _self_ last")
+    return OmegaConf.merge(*[load_preset(group, base) for base in defaults[:-1]], node)

@@ -13,9 +13,10 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..compile.config import CompileConfig, OnMiss
+from ..errors import ConfigError
 from ..deep_cache.config import DeepCacheConfig
 from ..quantize.config import QuantizeConfig
 from ..instantid.config import FaceConfig
@@ -70,6 +71,43 @@ class LoraEntry:
     """Defaults to the entry's key in ``lora``."""
     base: Optional[str] = None
     """Base family it was trained for (``sd15``, ``sdxl``), shown by ``onediffx list``."""
+
+
+@dataclass
+class LoraStack:
+    """The ``lora`` group typed: its entries in fuse order, each ``adapter_name`` resolved once.
+
+    The schema keeps ``lora`` an untyped mapping (see ``RunConfig.lora``), and an entry's default
+    adapter name is its key, which the entry alone does not know: the stack fills it in
+    ``__post_init__``, so the stage, the server and batch runs read ``entry.adapter_name`` only.
+    """
+
+    entries: Dict[str, LoraEntry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, entry in self.entries.items():
+            if entry.adapter_name is None:
+                entry.adapter_name = key
+
+    @classmethod
+    def from_config(cls, node: Optional[DictConfig]) -> "LoraStack":
+        """The stack of a composed ``lora`` node (entries typed by ``validate`` or still plain mappings)."""
+        entries = {}
+        for key in (node or {}).keys():
+            entry = node._get_node(key)
+            if OmegaConf.get_type(entry) is not LoraEntry:
+                entry = OmegaConf.merge(OmegaConf.structured(LoraEntry), entry)
+            entries[str(key)] = OmegaConf.to_object(entry)
+        return cls(entries=entries)
+
+    def validate(self, prefix: str = "lora.") -> None:
+        """Two entries may not load under one adapter name (the second would replace the first)."""
+        seen: dict[str, str] = {}
+        for key, entry in self.entries.items():
+            name = entry.adapter_name
+            if name in seen:
+                raise ConfigError(f"{prefix}{key}: adapter name {name!r} is also used by {prefix}{seen[name]}")
+            seen[name] = key
 
 
 @dataclass
@@ -331,6 +369,46 @@ class ServeConfig:
     """Ray engine: CPUs per replica (GPU replicas ask for one GPU each)."""
     model_id: Optional[str] = None
     """The name ``/v1/models`` lists; ``None``: ``model.name``."""
+
+    @property
+    def replica_count(self) -> Optional[int]:
+        """``replicas`` parsed: the number asked for, ``None`` for ``all``; ``ConfigError`` otherwise.
+
+        The one reading of the string, for the local engine and Ray alike (each counts ``all`` its own way).
+        """
+        wanted = str(self.replicas).strip().lower()
+        if wanted == "all":
+            return None
+        if wanted.isdigit() and int(wanted) >= 1:
+            return int(wanted)
+        raise ConfigError(f"serve.replicas: {self.replicas!r} is not allowed; expected a number >= 1 or 'all'")
+
+    def validate(self, prefix: str = "serve.") -> None:
+        """Ranges types cannot express, each failure naming its key and what is allowed; before anything listens."""
+        checks = [
+            ("port", self.port, 0 <= self.port <= 65535, "a port from 0 to 65535"),
+            ("max_batch", self.max_batch, 1 <= self.max_batch <= 256, "an integer from 1 to 256"),
+            ("batch_wait_ms", self.batch_wait_ms, 0 <= self.batch_wait_ms <= 60_000, "0 to 60000 ms"),
+            ("lora_affinity_ms", self.lora_affinity_ms, 0 <= self.lora_affinity_ms <= 600_000, "0 to 600000 ms"),
+            ("queue_limit", self.queue_limit, self.queue_limit >= 1, "an integer >= 1"),
+            ("request_timeout_s", self.request_timeout_s, self.request_timeout_s > 0, "a number of seconds > 0"),
+            ("max_steps", self.max_steps, self.max_steps >= 1, "an integer >= 1"),
+            ("max_size", self.max_size, self.max_size >= 8 and self.max_size % 8 == 0, "a multiple of 8, at least 8"),
+            ("max_prompt_chars", self.max_prompt_chars, self.max_prompt_chars >= 1, "an integer >= 1"),
+            ("deepcache", self.deepcache, self.deepcache is None or self.deepcache >= 1, "null or an interval >= 1"),
+            ("batch_sizes", list(self.batch_sizes), all(1 <= b <= self.max_batch for b in self.batch_sizes)
+             and (not self.batch_sizes or max(self.batch_sizes) == self.max_batch),
+             f"sizes from 1 to {prefix}max_batch={self.max_batch}, the largest equal to it (every call must fit one)"),
+        ]
+        for key, value, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{prefix}{key}: {value!r} is not allowed; expected {allowed}")
+        self.replica_count  # noqa: B018  (raises on a value that is neither a number nor "all")
+
+
+def serve_options(cfg: DictConfig) -> ServeConfig:
+    """The composed ``serve`` group as a ``ServeConfig`` (its ``validate`` has run in ``check_serve``)."""
+    return OmegaConf.to_object(cfg.serve)
 
 
 @dataclass

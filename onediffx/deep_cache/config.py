@@ -43,6 +43,11 @@ class DeepCacheConfig(DeepCacheParams):
 
     enabled: bool = False
 
+    def validate(self, prefix: str = "") -> None:
+        """The call arguments' checks, when on: a disabled group's values are never used."""
+        if self.enabled:
+            self.params().validate(prefix)
+
     def params(self) -> DeepCacheParams:
         """The call arguments this config stands for."""
         return DeepCacheParams(**{k: v for k, v in vars(self).items() if k != "enabled"})

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from omegaconf import DictConfig
 
 from ..errors import OnediffxError
+from ..generate import Settings
 from .metrics import ServeMetrics
 from .replicas import Replica, default_deepcache, lora_stack, replica_devices
 from .scheduler import Scheduler
@@ -23,12 +24,10 @@ log = logging.getLogger("onediffx.serve")
 
 
 def limits_of(cfg: DictConfig) -> Limits:
-    model = cfg.model
-    height, width = cfg.height or model.height, cfg.width or model.width
+    run = Settings.from_config(cfg)  # a request without size, steps or guidance gets the run's
     return Limits(max_n=cfg.serve.max_batch, max_steps=cfg.serve.max_steps, max_size=cfg.serve.max_size,
-                  max_prompt_chars=cfg.serve.max_prompt_chars, default_size=f"{width}x{height}",
-                  default_steps=min(cfg.steps or model.steps, cfg.serve.max_steps),
-                  default_guidance=float(model.guidance if cfg.guidance is None else cfg.guidance))
+                  max_prompt_chars=cfg.serve.max_prompt_chars, default_size=f"{run.width}x{run.height}",
+                  default_steps=min(run.steps, cfg.serve.max_steps), default_guidance=float(run.guidance))
 
 
 class LocalEngine:

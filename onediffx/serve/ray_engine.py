@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError, NotAvailableError
+from ..errors import NotAvailableError
 
 
 def _ray() -> Any:
@@ -53,12 +53,11 @@ class OnediffxReplica:
 
 
 def _replicas(cfg: DictConfig, ray: Any) -> int:
-    wanted = str(cfg.serve.replicas).strip().lower()
-    if wanted == "all":
-        return max(1, int(ray.cluster_resources().get("GPU", 0)))
-    if wanted.isdigit() and int(wanted) >= 1:
-        return int(wanted)
-    raise ConfigError(f"serve.replicas: {cfg.serve.replicas!r} is not allowed; expected a number >= 1 or 'all'")
+    """``serve.replicas``: the number asked for, or ``all`` the cluster's GPUs (at least one)."""
+    from ..config.schema import serve_options
+
+    wanted = serve_options(cfg).replica_count
+    return max(1, int(ray.cluster_resources().get("GPU", 0))) if wanted is None else wanted
 
 
 def serve_ray(cfg: DictConfig) -> dict[str, Any]:

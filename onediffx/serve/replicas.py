@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig
 
 from ..assembly import Assembly
-from ..config.schema import ShapeConfig
+from ..config.schema import LoraStack, ShapeConfig, serve_options
 from ..errors import ConfigError
 from ..generate import Settings, generate
 from ..resolver import assemble
@@ -27,14 +27,9 @@ def replica_devices(cfg: DictConfig) -> list[str]:
     """The device of each replica ``serve.replicas`` asks for (``N`` or ``all``)."""
     import torch
 
-    wanted = str(cfg.serve.replicas).strip().lower()
+    wanted = serve_options(cfg).replica_count
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else 0
-    if wanted == "all":
-        count = max(gpus, 1)
-    elif wanted.isdigit() and int(wanted) >= 1:
-        count = int(wanted)
-    else:
-        raise ConfigError(f"serve.replicas: {cfg.serve.replicas!r} is not allowed; expected a number >= 1 or 'all'")
+    count = max(gpus, 1) if wanted is None else wanted
     if gpus:
         if count > gpus:
             raise ConfigError(f"serve.replicas: {count} replicas but {gpus} GPU(s) are visible; "
@@ -45,9 +40,8 @@ def replica_devices(cfg: DictConfig) -> list[str]:
 
 def lora_stack(cfg: DictConfig) -> tuple[list[str], list[str], tuple[float, ...]]:
     """Keys, adapter names and configured scales of the preloaded LoRA stack, in fuse order."""
-    keys = list(cfg.lora.keys())
-    names = [cfg.lora[k].adapter_name or k for k in keys]
-    return keys, names, tuple(float(cfg.lora[k].scale) for k in keys)
+    stack = LoraStack.from_config(cfg.lora).entries
+    return list(stack), [e.adapter_name for e in stack.values()], tuple(float(e.scale) for e in stack.values())
 
 
 def default_deepcache(cfg: DictConfig) -> int:
@@ -82,9 +76,8 @@ class Replica:
         (shape, batch size) is compiled, saved to and loaded from the graph cache like the run's own."""
         sizes = sorted(set(self.cfg.serve.batch_sizes))
         if sizes:
-            model = self.cfg.model
-            shapes = [(s.height, s.width) for s in self.cfg.warmup.shapes] or [
-                (self.cfg.height or model.height, self.cfg.width or model.width)]
+            run = Settings.from_config(self.cfg)
+            shapes = [(s.height, s.width) for s in self.cfg.warmup.shapes] or [(run.height, run.width)]
             self.cfg.warmup.shapes = [ShapeConfig(height=h, width=w, batch=b) for h, w in shapes for b in sizes]
         started = time.time()
         self.asm = assemble(self.cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..compile.config import CompileConfig
 from ..errors import ConfigError
@@ -11,38 +11,39 @@ from .base import Assembly, Stage
 
 
 @register_stage("compile")
-class CompileStage(Stage):
+class CompileStage(Stage[CompileConfig]):
     """Compile UNet / VAE decoder / ControlNet in place (graphs keep reading the live weights)."""
 
     group = "compile"
+    options = CompileConfig
+    after = ("quantize",)
+    """Graphs are traced over the quantized weights (``quantize_pipe``: call it before ``compile_pipe``)."""
 
-    def check(self, cfg: DictConfig) -> None:
+    def check(self, options: CompileConfig, cfg: DictConfig) -> None:
         from ..compile import backends  # noqa: F401  (registers the built-in backends)
 
-        if cfg.compile.backend != "auto":
-            backend = get_backend(cfg.compile.backend)
+        if options.backend != "auto":
+            backend = get_backend(options.backend)
             if hasattr(backend, "check"):  # optional engines say now, not after the model loads
                 backend.check()
-        OmegaConf.to_object(cfg.compile).validate()
-        if cfg.compile.progressive:
-            needs = [why for bad, why in ((cfg.compile.graph != "aot", "compile.graph=aot"),
-                                          (cfg.compile.regional, "compile.regional=false"),
+        if options.progressive:
+            needs = [why for bad, why in ((options.graph != "aot", "compile.graph=aot"),
+                                          (options.regional, "compile.regional=false"),
                                           (not cfg.cache.enabled, "cache.enabled=true"),
                                           (cfg.deepcache.enabled, "deepcache=off")) if bad]
             if needs:
                 raise ConfigError(f"compile.progressive: needs {', '.join(needs)} (it serves regional graphs while "
                                   "saveable whole-component graphs compile into the cache)")
 
-    def enabled(self, asm: Assembly) -> bool:
+    def enabled(self, asm: Assembly, options: CompileConfig) -> bool:
         from ..compile.backends import resolve_backend
 
-        return resolve_backend(asm.cfg.compile.backend, asm.device) != "none"
+        return resolve_backend(options.backend, asm.device) != "none"
 
-    def apply(self, asm: Assembly) -> None:
+    def apply(self, asm: Assembly, options: CompileConfig) -> None:
         from ..compile import compile_pipe
         from ..compile.backends import resolve_backend
 
-        options: CompileConfig = OmegaConf.to_object(asm.cfg.compile)
         backend = resolve_backend(options.backend, asm.device)
         compile_pipe(asm.pipe, backend, options, on_miss=asm.cfg.warmup.unprepared)
         state = asm.pipe._onediffx_compile

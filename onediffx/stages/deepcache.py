@@ -10,9 +10,7 @@ compile stage's warm-up already traces both the full and the shallow pass.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
-
-from ..deep_cache.config import DeepCacheConfig, DeepCacheParams
+from ..deep_cache.config import DeepCacheConfig
 from ..deep_cache.schedule import ScheduleKind
 from ..registry import register_stage
 from .base import Assembly, Stage
@@ -20,30 +18,21 @@ from .base import Assembly, Stage
 PREFIX = "deepcache."
 
 
-def params_from_config(group: DictConfig) -> DeepCacheParams:
-    """The call arguments that the ``deepcache`` group stands for."""
-    config: DeepCacheConfig = OmegaConf.to_object(group)
-    return config.params()
-
-
 @register_stage("deepcache")
-class DeepCacheStage(Stage):
+class DeepCacheStage(Stage[DeepCacheConfig]):
     """Reuse deep UNet features across steps (DeepCache) on any supported pipeline, from ``deepcache``."""
 
     group = "deepcache"
+    options = DeepCacheConfig
 
-    def check(self, cfg: DictConfig) -> None:
-        if cfg.deepcache.enabled:
-            params_from_config(cfg.deepcache).validate(PREFIX)
+    def enabled(self, asm: Assembly, options: DeepCacheConfig) -> bool:
+        return options.enabled
 
-    def enabled(self, asm: Assembly) -> bool:
-        return bool(asm.cfg.deepcache.enabled)
-
-    def apply(self, asm: Assembly) -> None:
+    def apply(self, asm: Assembly, options: DeepCacheConfig) -> None:
         from ..deep_cache import deep_cache_class, prepare
         from ..deep_cache.layout import replay_plan
 
-        params = params_from_config(asm.cfg.deepcache)
+        params = options.params()
         state = prepare(asm.pipe, params, PREFIX)
         asm.pipe.__class__ = deep_cache_class(type(asm.pipe))
         asm.pipe._deep_cache_defaults = params

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..config.schema import CacheConfig
 from ..registry import register_stage
 from .base import Assembly, Stage
 
@@ -24,11 +25,11 @@ COMPILED_AFTER_LOAD = "compiled after load"
 KERNELS_REBUILT = "kernels rebuilt"
 
 
-def _cache_in_use(asm: Assembly) -> bool:
+def _cache_in_use(asm: Assembly, options: CacheConfig) -> bool:
     from ..compile import compile_state
 
     state = compile_state(asm.pipe)
-    return bool(asm.cfg.cache.enabled and state is not None and state.backend != "none")
+    return bool(options.enabled and state is not None and state.backend != "none")
 
 
 def _access(asm: Assembly) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class HitCheck:
         log.warning("graph cache: every graph loaded from %s, yet the first call compiled %d more (a loaded "
                     "graph did not fit this process); reporting a miss and saving anew", asm.cfg.cache.dir, compiled)
         miss_after_load(asm, compiled)
-        if "save-graph" in asm.cfg.stages:
+        if asm.planned("save-graph"):
             save(asm)
 
 
@@ -140,19 +141,22 @@ class SaveAsCompiled:
 
 
 @register_stage("load-graph")
-class LoadGraphStage(Stage):
+class LoadGraphStage(Stage[CacheConfig]):
     """Load compiled graphs saved by an earlier process (cache.dir), so nothing compiles."""
 
     group = "cache"
+    options = CacheConfig
+    after = ("compile",)
+    """It loads graphs into what ``compile`` set up (no compile state: nothing to load)."""
 
-    def enabled(self, asm: Assembly) -> bool:
-        return _cache_in_use(asm)
+    def enabled(self, asm: Assembly, options: CacheConfig) -> bool:
+        return _cache_in_use(asm, options)
 
-    def apply(self, asm: Assembly) -> None:
+    def apply(self, asm: Assembly, options: CacheConfig) -> None:
         from ..compile import load_pipe
         from . import progressive
 
-        found = load_pipe(asm.pipe, asm.cfg.cache.dir, **_access(asm))
+        found = load_pipe(asm.pipe, options.dir, **_access(asm))
         if not _all_loaded(found) and asm.cfg.compile.progressive:
             asm.note(self.name, whole_component_hit=False)
             found = progressive.start(asm) or found  # {}: no blocks to serve from, compile whole now
@@ -160,12 +164,12 @@ class LoadGraphStage(Stage):
         asm.graph_hit = hit
         stale = any(v.get("reason") in ("stale", "corrupt") for v in found.values())
         reasons = sorted({v["reason"] for v in found.values() if not v["hit"] and v.get("reason")})
-        asm.note(self.name, hit=hit, stale=stale, dir=str(asm.cfg.cache.dir),
+        asm.note(self.name, hit=hit, stale=stale, dir=str(options.dir),
                  **({} if hit else {"reason": ", ".join(reasons) or "absent"}),
                  components={k: {"hit": v["hit"], "graphs": v.get("graphs", 0), "reason": v.get("reason"),
                                  **{f: v[f] for f in ("kernels_restored", "kernels_built", "read_s", "load_s") if f in v}}
                              for k, v in found.items()})
-        if "save-graph" in asm.cfg.stages:
+        if asm.planned("save-graph"):
             asm.add_after_call(SaveAsCompiled(asm).after_call)
         if hit:
             check = HitCheck(asm)
@@ -175,15 +179,18 @@ class LoadGraphStage(Stage):
 
 
 @register_stage("save-graph")
-class SaveGraphStage(Stage):
+class SaveGraphStage(Stage[CacheConfig]):
     """Save what this process compiled into cache.dir (atomic, locked; nothing when all was loaded)."""
 
     group = "cache"
+    options = CacheConfig
+    after = ("compile", "load-graph", "warmup")
+    """It saves what the warm-up compiled, and reads ``load-graph``'s hit and its check of the first call."""
 
-    def enabled(self, asm: Assembly) -> bool:
-        return _cache_in_use(asm)
+    def enabled(self, asm: Assembly, options: CacheConfig) -> bool:
+        return _cache_in_use(asm, options)
 
-    def apply(self, asm: Assembly) -> None:
+    def apply(self, asm: Assembly, options: CacheConfig) -> None:
         from ..compile import compile_state
 
         state = compile_state(asm.pipe)
@@ -194,7 +201,7 @@ class SaveGraphStage(Stage):
             compiled = compile_events(asm) - check.baseline
             if compiled > 0:
                 log.warning("graph cache: every graph loaded from %s, yet the warm-up compiled %d more; reporting "
-                            "a miss and saving anew", asm.cfg.cache.dir, compiled)
+                            "a miss and saving anew", options.dir, compiled)
                 miss_after_load(asm, compiled)
         if asm.graph_hit and not compiled_here:
             asm.note(self.name, saved=False, reason="all graphs came from the cache")

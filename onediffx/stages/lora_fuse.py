@@ -11,6 +11,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from ..config.schema import LoraStack
 from ..errors import ConfigError, OnediffxError
 from ..registry import register_stage
 from .base import Assembly, Stage
@@ -32,23 +33,19 @@ def _model_family(model: DictConfig) -> Optional[str]:
 
 
 @register_stage("lora-fuse")
-class LoraFuseStage(Stage):
+class LoraFuseStage(Stage[LoraStack]):
     """Fuse the LoRA stack (``lora=[...]``) into the weights, in list order, with each entry's scale."""
 
     group = "lora"
+    options = LoraStack
+    after = ("quantize",)
+    """``quantize_pipe`` refuses a pipeline with LoRAs loaded; fusing into quantized weights works."""
 
-    def check(self, cfg: DictConfig) -> None:
-        from ..config.validate import type_lora_entries
+    def check(self, stack: LoraStack, cfg: DictConfig) -> None:
         from ..lora.sources import resolve_file
 
-        type_lora_entries(cfg)  # entries from the command line arrive as plain mappings
         family = _model_family(cfg.model)
-        seen = {}
-        for key, entry in cfg.lora.items():
-            name = entry.adapter_name or key
-            if name in seen:
-                raise ConfigError(f"lora.{key}: adapter name {name!r} is also used by lora.{seen[name]}")
-            seen[name] = key
+        for key, entry in stack.entries.items():
             base = _FAMILIES.get(str(entry.base)) if entry.base else None
             if base and family and base != family:
                 raise ConfigError(
@@ -60,10 +57,10 @@ class LoraFuseStage(Stage):
             except OnediffxError as e:
                 raise type(e)(f"lora.{key}: {e}") from None
 
-    def enabled(self, asm: Assembly) -> bool:
-        return bool(asm.cfg.lora)
+    def enabled(self, asm: Assembly, stack: LoraStack) -> bool:
+        return bool(stack.entries)
 
-    def apply(self, asm: Assembly) -> None:
+    def apply(self, asm: Assembly, stack: LoraStack) -> None:
         from ..lora import delete_adapters, load_lora_and_optionally_fuse, set_and_fuse_adapters
         from ..lora.fuse import state_of
 
@@ -72,8 +69,8 @@ class LoraFuseStage(Stage):
         # W0 on the CPU for a run (it fuses once); on the weights' device for a server, which re-fuses
         # between batches ("cuda" means the weight's own device, and the CPU where there is no GPU).
         offload = "cuda" if originals == "device" else "cpu"
-        for key, entry in asm.cfg.lora.items():
-            name = entry.adapter_name or key
+        for key, entry in stack.entries.items():
+            name = entry.adapter_name
             try:
                 load_lora_and_optionally_fuse(
                     asm.pipe, entry.source, name, fuse=False, offload_device=offload, offload_weight="weight",

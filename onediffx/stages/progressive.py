@@ -34,14 +34,16 @@ from ..assembly import Assembly
 from ..compile import compile_pipe, compile_state, load_pipe
 from ..compile.pipe import pipeline_modules
 from ..compile.config import CompileConfig
+from ..config.schema import DEFAULT_STAGES
 
 log = logging.getLogger("onediffx.compile")
 
 INTERIM_REGIONS = ["BasicTransformerBlock", "ResnetBlock2D"]
 """Blocks compiled one by one while the whole-component graphs compile (``compile.regions`` wins)."""
 
-BACKGROUND_STAGES = ["quantize", "compile", "load-graph", "warmup", "save-graph"]
-"""Quantization is part of what the graphs were traced over (and of their cache key): it stays."""
+BACKGROUND_STAGES = [name for name in DEFAULT_STAGES if name not in ("lora-fuse", "deepcache")]
+"""The default order without LoRAs and DeepCache. Quantization is part of what the graphs were
+traced over (and of their cache key): it stays."""
 
 
 def interim_regions(pipe: Any, options: CompileConfig) -> list[str]:

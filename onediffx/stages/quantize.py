@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..errors import NotAvailableError
+from ..quantize.config import QuantizeConfig
 from ..registry import register_stage
 from .base import Assembly, Stage
 
@@ -21,16 +22,15 @@ PREFIX = "quantize"
 
 
 @register_stage("quantize")
-class QuantizeStage(Stage):
+class QuantizeStage(Stage[QuantizeConfig]):
     """Quantize the UNet's (and optionally ControlNet's, VAE decoder's) linear layers: fp8 or int8, via torchao."""
 
     group = "quantize"
+    options = QuantizeConfig
 
-    def check(self, cfg: DictConfig) -> None:
+    def check(self, config: QuantizeConfig, cfg: DictConfig) -> None:
         import importlib.util
 
-        config = OmegaConf.to_object(cfg.quantize)
-        config.validate(f"{PREFIX}.")
         if not config.enabled:
             return
         if importlib.util.find_spec("torchao") is None:
@@ -41,13 +41,12 @@ class QuantizeStage(Stage):
 
         check_supported(config.mode, resolve_device(cfg.device), PREFIX)  # before the model loads
 
-    def enabled(self, asm: Assembly) -> bool:
-        return _config(asm).enabled
+    def enabled(self, asm: Assembly, config: QuantizeConfig) -> bool:
+        return config.enabled
 
-    def apply(self, asm: Assembly) -> None:
+    def apply(self, asm: Assembly, config: QuantizeConfig) -> None:
         from ..quantize.pipe import quantize_pipe, quantize_state
 
-        config = _config(asm)
         quality = _Quality(asm) if config.quality else None
         quantize_pipe(asm.pipe, options=config, calibration=_calibration_folder(asm))
         state = quantize_state(asm.pipe)
@@ -63,11 +62,6 @@ class QuantizeStage(Stage):
 def _calibration_folder(asm: Assembly) -> Optional[str]:
     """Calibrated ranges live beside the graph cache, so a restart reuses both (``None``: cache off)."""
     return f"{asm.cfg.cache.dir}/calibration" if asm.cfg.cache.enabled else None
-
-
-def _config(asm: Assembly) -> Any:
-    """The run's ``QuantizeConfig``."""
-    return OmegaConf.to_object(asm.cfg.quantize)
 
 
 class _Quality:

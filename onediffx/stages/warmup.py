@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ..config.schema import WarmupConfig
 from ..registry import register_stage
 from .base import Assembly, Stage
 
@@ -31,30 +32,33 @@ def warmup_settings(asm: Assembly) -> list[Settings]:
 
 
 @register_stage("warmup")
-class WarmupStage(Stage):
+class WarmupStage(Stage[WarmupConfig]):
     """Run every prepared shape once before timing, so compiling happens before the first measured image."""
 
     group = "warmup"
+    options = WarmupConfig
+    after = ("compile", "load-graph")
+    """It reads what they set: ``asm.compiled``, and ``asm.graph_hit`` (skipped after a full hit)."""
 
-    def enabled(self, asm: Assembly) -> bool:
+    def enabled(self, asm: Assembly, options: WarmupConfig) -> bool:
         # Eager pipelines have nothing to warm unless shapes are asked for explicitly.
         compiled = asm.cfg.compile.backend != "none" or bool(asm.compiled)
-        if compiled and asm.graph_hit and asm.cfg.warmup.on_cache_hit == "skip":
+        if compiled and asm.graph_hit and options.on_cache_hit == "skip":
             # Nothing left to compile: a warm-up call would only add its own time before the first
             # image (H100, SDXL restart: first image 4.8 s without it, 5.4 s with it).
             return False
-        return asm.cfg.warmup.runs > 0 and bool(compiled or asm.cfg.warmup.shapes)
+        return options.runs > 0 and bool(compiled or options.shapes)
 
-    def apply(self, asm: Assembly) -> None:
+    def apply(self, asm: Assembly, options: WarmupConfig) -> None:
         from ..generate import generate
 
         shapes = warmup_settings(asm)
         seconds = []
-        for _ in range(asm.cfg.warmup.runs):
+        for _ in range(options.runs):
             for settings in shapes:
                 start = time.perf_counter()
                 generate(asm, settings)
                 seconds.append(round(time.perf_counter() - start, 3))
         # per call: a shape whose graphs came from the cache pays its CUDA-graph capture here
-        asm.note(self.name, shapes=[[s.height, s.width, len(s.seeds)] for s in shapes], runs=asm.cfg.warmup.runs,
+        asm.note(self.name, shapes=[[s.height, s.width, len(s.seeds)] for s in shapes], runs=options.runs,
                  call_seconds=seconds)
