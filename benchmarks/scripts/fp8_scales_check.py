@@ -23,6 +23,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import capture, replay_ms
 
 FP8 = torch.float8_e4m3fn
 MAX = torch.finfo(FP8).max
@@ -33,24 +34,8 @@ SHAPES = {"64x64 level": (8192, 2560, 640), "32x32 level": (2048, 5120, 1280)}
 def _time(fn, *args, iters: int = 100, per_graph: int = 20) -> float:
     """Per call, replayed from one CUDA graph of ``per_graph`` calls: each call is microseconds of GPU
     work, so timing launches from Python would measure the CPU."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(per_graph):
-            fn(*args)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / per_graph)
+    graph = capture(lambda: fn(*args), per_graph)
+    times = replay_ms(graph, per_graph, iters)
     return statistics.median(times)
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import capture, replay_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
@@ -34,26 +35,10 @@ GEMMS = {"ff in 8192x640->5120": (8192, 640, 5120), "ff in 2048x1280->10240": (2
 
 def in_graph(fn: Callable[[], object]) -> dict:
     """Microseconds per call with ``REPEAT`` calls in one graph, and the memsets per call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEAT):
-            fn()
+    graph = capture(fn, REPEAT)
     for _ in range(3):
         graph.replay()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / REPEAT)
+    times = [ms * 1000 for ms in replay_ms(graph, REPEAT, 15)]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
