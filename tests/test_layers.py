@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "onediffx"
 
 APP = ("onediffx.cli", "onediffx.__main__", "onediffx.commands", "onediffx.batch", "onediffx.sweep",
-       "onediffx.launch", "onediffx.bench", "onediffx.serve", "onediffx.client")
+       "onediffx.startup", "onediffx.bench", "onediffx.serve", "onediffx.client")
 STAGES = ("onediffx.stages", "onediffx.resolver", "onediffx.assembly", "onediffx.generate")
 LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.instantid", "onediffx.quantize", "onediffx.graph_cache",
            "onediffx.models", "onediffx.config", "onediffx.device", "onediffx.errors", "onediffx.metrics",

@@ -15,7 +15,7 @@ from ..assembly import Assembly
 from ..compile.pipe import compile_counters
 from ..device import device_name
 from ..generate import Generation
-from ..launch import startup_facts, startup_table
+from ..startup import startup_facts, startup_table
 
 
 def save_outputs(out_dir: Path, result: Generation, seeds: list[int]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..errors import ConfigError, NotAvailableError
-from ..launch import startup_table
+from ..startup import startup_table
 from ..resolver import plan
 
 
