@@ -39,12 +39,12 @@ class CompileStage(Stage):
         return resolve_backend(asm.cfg.compile.backend, asm.device) != "none"
 
     def apply(self, asm: Assembly) -> None:
-        from ..compile import compile_pipe
+        from ..compile import compile_pipe, compile_state
         from ..compile.backends import resolve_backend
 
         options: CompileConfig = OmegaConf.to_object(asm.cfg.compile)
         backend = resolve_backend(options.backend, asm.device)
         compile_pipe(asm.pipe, backend, options, on_miss=asm.cfg.warmup.unprepared)
-        state = asm.pipe._onediffx_compile
+        state = compile_state(asm.pipe)
         asm.compiled = sorted([*state.saveable, *state.dynamo])
         asm.note(self.name, backend=backend, saveable=sorted(state.saveable), dynamo=state.dynamo)

@@ -34,15 +34,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils._pytree import tree_map_only
 
-from ..hooks import CUDA_GRAPHS, ForwardHook, add_hook, remove_hook
-from .guards import describe
+from .call_signature import describe
+from .hooks import CUDA_GRAPHS, ForwardHook, add_hook, remove_hook
+from .state import PASS_GRAPHS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("onediffx.compile.cuda_graphs")  # compile's, as where it came from
 
 _UNGRAPHABLE = object()
 MAX_GRAPHS = 16
-PASS_GRAPHS = "_onediffx_pass_graphs"
-"""Module attribute: DeepCache captures its passes in CUDA graphs (value: the passes' compile kwargs)."""
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -220,7 +219,7 @@ def mark_passes(module: torch.nn.Module, compile_kwargs: Optional[dict[str, Any]
     DeepCache replaces the UNet's forward by a per-step dispatcher, so the whole forward cannot be
     one graph; each of its two passes can.
     """
-    module.__dict__[PASS_GRAPHS] = compile_kwargs
+    PASS_GRAPHS.set(module, compile_kwargs)
 
 
 def graph_module(module: torch.nn.Module, name: str) -> GraphedForward:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-MARK = "_onediffx_fills_fused"
+from .state import FILLS_FUSED
 
 
 def _fill_fused(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -130,9 +130,9 @@ def fuse_qkv(module: nn.Module) -> int:
                 share_rows(fused, parts)
     hooked = 0
     for attention in module.modules():
-        if getattr(attention, "fused_projections", False) and not getattr(attention, MARK, False):
+        if getattr(attention, "fused_projections", False) and not FILLS_FUSED.get(attention, False):
             attention.register_load_state_dict_pre_hook(_fill_fused)
-            setattr(attention, MARK, True)
+            FILLS_FUSED.set(attention, True)
             hooked += 1
     return hooked
 
