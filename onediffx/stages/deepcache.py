@@ -40,13 +40,11 @@ class DeepCacheStage(Stage):
         return bool(asm.cfg.deepcache.enabled)
 
     def apply(self, asm: Assembly) -> None:
-        from ..deep_cache import deep_cache_class, prepare
+        from ..deep_cache import enable
         from ..deep_cache.layout import replay_plan
 
         params = params_from_config(asm.cfg.deepcache)
-        state = prepare(asm.pipe, params, PREFIX)
-        asm.pipe.__class__ = deep_cache_class(type(asm.pipe))
-        asm.pipe._deep_cache_defaults = params
+        state = enable(asm.pipe, params, PREFIX)
         asm.note(
             self.name, cache_interval=params.cache_interval, schedule=ScheduleKind(params.schedule).value,
             skip_index=state.skip_index,
