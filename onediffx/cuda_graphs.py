@@ -5,7 +5,7 @@ an H100 that costs 39.8 ms per step where the kernels themselves take 31.4 ms: t
 the CPU. Replaying a captured graph launches them all at once (32.8 ms). Inductor's own CUDA
 graphs (``mode="reduce-overhead"``) only exist on Dynamo's lazy path; this wrapper works over any
 callable, so it also covers the ahead-of-time graphs loaded from the graph cache and each
-DeepCache pass.
+DeepCache pass: compile and DeepCache both use it, so it sits below both and imports neither.
 
 What a captured graph assumes, and how this module keeps it true:
 

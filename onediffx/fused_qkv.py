@@ -12,6 +12,9 @@ diffusers keeps the separate projections beside the copy, which on SDXL is 1.2 G
 twice (every self-attention's q/k/v and every cross-attention's k/v). ``fuse_qkv`` points each
 separate weight at its rows of the copy instead (``share_rows``): nothing computes with the
 separate projections, LoRA files name them, and a LoRA fused into them now lands in the copy itself.
+
+Compiling, quantizing and LoRA fusing all work on these copies, so this module sits below the three
+and imports none of them.
 """
 
 from __future__ import annotations

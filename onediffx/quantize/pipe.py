@@ -4,7 +4,7 @@
     pipe = compile_pipe(pipe)                  # Inductor fuses the scaling into the matmuls
 
 Quantization comes before compiling (graphs are traced over the quantized weights) and before
-LoRA fusing (which then works from the kept high-precision originals: see ``weights``). torchao
+LoRA fusing (which then works from the kept high-precision originals: see ``quantized_weights``). torchao
 does the arithmetic; this module chooses the layers (``select``), checks the device (``modes``)
 and records what it did, for metrics, the graph cache's key and LoRA.
 """
