@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from .commands.user_errors import USER_FULL_ERROR, full_error, report
 from .config import register_configs, validate
 from .errors import BusyError, OnediffxError
 from .requirements import check as check_requirements
@@ -48,16 +49,6 @@ examples:
 """
 
 
-# Worker processes of a launcher inherit the variable hydra_app sets; ONEDIFFX_FULL_ERROR keeps
-# what the user asked for.
-USER_FULL_ERROR = os.environ.get("ONEDIFFX_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
-
-
-def full_error() -> bool:
-    """Whether the user asked for tracebacks (read before ``hydra_app`` sets the variable itself)."""
-    return USER_FULL_ERROR
-
-
 def one_line(err: Exception) -> str:
     """Hydra's multi-line composition errors, as the one line the CLI prints."""
     if isinstance(err, MissingConfigException) and err.options:
@@ -68,10 +59,6 @@ def one_line(err: Exception) -> str:
         hints = [line for line in str(err).splitlines() if line.startswith("To append")]
         return "; ".join([f"{cause.full_key}: {cause.msg.splitlines()[0]}", *hints])
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
-
-
-def report(err: OnediffxError) -> None:
-    print(f"onediffx: error: {err}", file=sys.stderr, flush=True)
 
 
 JOBS = {"run": ("onediffx.commands.run", "run_job"), "bench": ("onediffx.commands.bench", "bench_job"),

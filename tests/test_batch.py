@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
-from onediffx.batch import append_manifest, drop_torn_line, read_manifest, read_prompts
+from onediffx.commands.batch.journal import append_manifest, drop_torn_line, read_manifest
+from onediffx.commands.batch.prompts import read_prompts
 from onediffx.config import validate
 from onediffx.errors import ConfigError, NotFoundError
 

@@ -24,6 +24,7 @@ from onediffx.compile.pipe import component_key
 from onediffx.graph_cache import GraphCache
 from onediffx.hooks import COMPILED, get_hook
 from onediffx.models.tiny import tiny_sd
+from onediffx.state import REGIONS
 
 pytestmark = pytest.mark.slow
 PROMPT = "a photo of an astronaut riding a horse on the moon"  # the CLI's default, for comparisons
@@ -260,7 +261,7 @@ def test_regions_share_one_graph_per_block_shape(compiled):
     pipe.set_progress_bar_config(disable=True)
     compile_pipe(pipe, "inductor", compile_options("regional", components=["unet"]))
     blocks = [m for m in pipe.unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
-    assert pipe.unet.__dict__["_onediffx_regions"] == len(blocks) and compile_state(pipe).dynamo == ["unet"]
+    assert REGIONS.get(pipe.unet) == len(blocks) and compile_state(pipe).dynamo == ["unet"]
     image = _image(pipe, 64)
     graphs = counters["stats"]["unique_graphs"]
     assert 0 < graphs < len(blocks)  # blocks of one shape share a graph

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from conftest import REPO
-from onediffx.compile.fused_qkv import fuse_qkv
+from onediffx.fused_qkv import fuse_qkv
 from onediffx.compile import postprocess as postprocess_module
 from onediffx.compile.postprocess import pil_on_device
 from onediffx.models.tiny import tiny_sdxl

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from onediffx.compile.config import CompileConfig
 from onediffx.compile.options import preset_options
-from onediffx.config.presets import preset_names
+from onediffx.presets import preset_names
 
 INDUCTOR = dict(backend="inductor", mode=None, fullgraph=True, dynamic=False, regional=False, regions=[],
                 channels_last=True, fuse_qkv=True, max_autotune=False, cuda_graphs=True,

@@ -1,4 +1,4 @@
-"""onediffx's CUDA graphs (``compile.cuda_graphs``): what the CPU can check.
+"""onediffx's CUDA graphs (``onediffx.cuda_graphs``): what the CPU can check.
 
 Capture and replay need CUDA (``test_gpu.py`` checks them against the uncaptured compiled forward,
 with LoRA fusing and resolution switches). Here: calls the wrapper cannot capture run as they are and
@@ -12,10 +12,11 @@ import logging
 
 import torch
 
-from onediffx.compile import compile_options, compile_pipe
-from onediffx.compile.cuda_graphs import CudaGraphs, _rebuild, _tensors
+from onediffx.compile import compile_options, compile_pipe, compile_state
+from onediffx.cuda_graphs import CudaGraphs, _rebuild, _tensors
 from onediffx.compile.dispatch import CompiledHook
 from onediffx.models.tiny import tiny_sd
+from onediffx.state import PASS_GRAPHS
 
 
 def test_calls_off_cuda_run_uncaptured_and_say_so_once(caplog):
@@ -48,14 +49,14 @@ def test_argument_trees_round_trip_through_static_buffers():
 def test_a_cpu_pipeline_gets_no_graphs():
     pipe = tiny_sd()
     compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=True))
-    state = pipe._onediffx_compile
+    state = compile_state(pipe)
     assert state.graphed == {} and isinstance(pipe.unet.forward, CompiledHook)
-    assert "_onediffx_pass_graphs" not in pipe.unet.__dict__
+    assert not PASS_GRAPHS.has(pipe.unet)
 
 
 def test_signatures_past_the_cap_run_uncaptured(monkeypatch, caplog):
     """A value that changes at every call (a Python-number timestep) must not capture a graph per call."""
-    from onediffx.compile import cuda_graphs
+    from onediffx import cuda_graphs
 
     graphs = CudaGraphs(lambda x, t: x * t, torch.nn.Linear(2, 2), "toy")
     graphs.graphs.update({("captured", i): object() for i in range(cuda_graphs.MAX_GRAPHS)})

@@ -181,6 +181,30 @@ def test_pipeline_class_with_cache_args(sdxl):
     np.testing.assert_array_equal(generate(pipe), uncached)
 
 
+def test_enable_then_disable_round_trip(sd):
+    """``enable`` caches every call that passes no cache arguments; ``disable`` gives back the plain pipeline."""
+    from onediffx.deep_cache import disable, enable, enabled
+    from onediffx.hooks import DEEP_CACHE_DISPATCH, has_hook
+    from onediffx.state import DEEP_CACHE
+
+    base, uncached = sd
+    pipe = diffusers.StableDiffusionPipeline(**base.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    params = DeepCacheParams(3, 0, 1)
+    state = enable(pipe, params)
+    assert enabled(pipe) is params and DEEP_CACHE.get(pipe) is params and state.skip_index == 2
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and has_hook(pipe.unet, DEEP_CACHE_DISPATCH)
+    cached = generate(pipe)
+    with deep_cache(base, params):
+        np.testing.assert_array_equal(cached, generate(base))
+    assert np.abs(cached - uncached).max() > 1e-3
+    assert disable(pipe) is params
+    assert enabled(pipe) is None and not has_hook(pipe.unet, DEEP_CACHE_DISPATCH)
+    plain = generate(pipe)
+    assert torch.equal(torch.from_numpy(plain), torch.from_numpy(uncached))
+    assert disable(pipe) is None  # a second disable finds nothing to undo
+
+
 def test_svd_with_cache_branch():
     pipe = StableVideoDiffusionPipeline(**tiny_svd().components)
     pipe.set_progress_bar_config(disable=True)

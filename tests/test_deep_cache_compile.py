@@ -77,7 +77,7 @@ def pass_graph_runs(runs):
     passes still compile once each, under a dispatcher and a wrapper that Dynamo skips, also when
     DeepCache was already set up before the UNet was marked.
     """
-    from onediffx.compile.cuda_graphs import mark_passes
+    from onediffx.cuda_graphs import mark_passes
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -103,7 +103,7 @@ def test_explicitly_compiled_passes_compile_once_and_match_eager(runs, pass_grap
 
 def test_ahead_of_time_regions_under_deep_cache(runs):
     """Replay hooks sit on blocks whose forward is a shared ahead-of-time region: still eager's image."""
-    from onediffx.compile import compile_options, compile_pipe
+    from onediffx.compile import compile_options, compile_pipe, compile_state
     from onediffx.deep_cache import DeepCacheParams, deep_cache
 
     threads = torch.get_num_threads()
@@ -118,5 +118,5 @@ def test_ahead_of_time_regions_under_deep_cache(runs):
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
-    assert len(pipe._onediffx_compile.saveable) > 1  # one entry per block structure
+    assert len(compile_state(pipe).saveable) > 1  # one entry per block structure
     np.testing.assert_allclose(got, runs["expected"][4], atol=2e-3, rtol=0)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from onediffx.batch import LoraScales, parse_line
+from onediffx.commands.batch.prompts import parse_line
+from onediffx.commands.batch.runner import LoraScales
 from onediffx.bench import cold_start
 from onediffx.bench import serve as serve_bench
 from onediffx.config.schema import LoraEntry, LoraStack, RunConfig

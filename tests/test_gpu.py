@@ -2,7 +2,7 @@
 
 The CPU suite covers the logic; these check what only CUDA exercises: fp16 weights with the bf16
 VAE of the ``inductor`` preset, Triton kernels in saved graphs, a restart on the same card, and
-CUDA graphs (``compile.cuda_graphs``) against the uncaptured compiled forward they replay.
+CUDA graphs (``onediffx.cuda_graphs``) against the uncaptured compiled forward they replay.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 
 import onediffx.lora as lora
 from conftest import run_cli
-from onediffx.compile import compile_options, compile_pipe
+from onediffx.compile import compile_options, compile_pipe, compile_state
 from onediffx.compile.pipe import pipeline_modules
 from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sdxl
@@ -56,7 +56,7 @@ def _generate(pipe, size=64, **kwargs):
 
 def _uncaptured(pipe, fn):
     """``fn(pipe)`` with each graphed component calling the forward its graphs replay."""
-    graphed = pipe._onediffx_compile.graphed
+    graphed = compile_state(pipe).graphed
     modules = {"unet": pipe.unet, "vae.decoder": pipe.vae.decoder, "text_encoder": pipe.text_encoder,
                "text_encoder_2": pipe.text_encoder_2}
     saved = {path: modules[path].forward for path in graphed}
@@ -74,7 +74,7 @@ def test_cuda_graphs_replay_the_compiled_forward_and_see_lora_fusing(tmp_path):
     pipe = tiny_sdxl().to("cuda", torch.float16)
     pipe.set_progress_bar_config(disable=True)
     compile_pipe(pipe, "inductor", compile_options("inductor", cuda_graphs=True))
-    graphed = pipe._onediffx_compile.graphed
+    graphed = compile_state(pipe).graphed
     assert set(graphed) == {"unet", "vae.decoder", "text_encoder", "text_encoder_2"}
     first, replayed = _generate(pipe), _generate(pipe)
     captures = {path: g.captures for path, g in graphed.items()}
@@ -103,7 +103,7 @@ def test_cuda_graphs_switch_resolutions_without_growing_memory():
         for size in (64, 96):
             np.testing.assert_array_equal(_generate(pipe, size), reference[size])
     assert torch.cuda.memory_reserved() == reserved
-    assert pipe._onediffx_compile.graphed["unet"].captures == 2
+    assert compile_state(pipe).graphed["unet"].captures == 2
 
 
 def _compiled_run_then_release() -> tuple[int, list]:
@@ -155,7 +155,6 @@ def test_deep_cache_passes_in_cuda_graphs_match_the_uncaptured_passes():
 
 def test_progressive_start_switches_from_graphed_regions_to_whole_graphs_on_cuda(compose_run, tmp_path):
     """CUDA-graphed regional forwards are removed and the whole-component graphs captured anew."""
-    from onediffx.compile import compile_state
     from onediffx.generate import Settings, generate
     from onediffx.hooks import COMPILED, has_hook
     from onediffx.resolver import assemble

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from onediffx.compile import compile_options, compile_pipe, compile_state
 from onediffx.compile.backends import aot_capable
-from onediffx.compile.cuda_graphs import GraphedForward, graph_module
+from onediffx.cuda_graphs import GraphedForward, graph_module
 from onediffx.compile.dispatch import CompiledHook
 from onediffx.compile.pipe import restore_eager
 from onediffx.deep_cache import DeepCache, DeepCacheParams, deep_cache, disable_deep_cache, prepare
@@ -23,6 +23,7 @@ from onediffx.deep_cache.layout import replay_plan
 from onediffx.hooks import (COMPILED, CUDA_GRAPHS, DEEP_CACHE_DISPATCH, DEEP_CACHE_REPLAY, ForwardHook, add_hook,
                             get_hook, has_hook, hook_registry, remove_hook)
 from onediffx.models.tiny import tiny_sd
+from onediffx.state import REGIONS
 
 CACHE = dict(cache_interval=2, cache_layer_id=0, cache_block_id=1)
 RESNET_CACHE = dict(cache_interval=2, cache_layer_id=0, cache_block_id=0)
@@ -159,7 +160,7 @@ def test_regions_come_off_from_under_deep_cache_replay_hooks():
     compile_pipe(pipe, "inductor", compile_options("regional", graph="aot", components=["unet"], channels_last=False,
                                                    fuse_qkv=False))
     regions = [path for path, name in _our_hooks(pipe.unet) if name == COMPILED]
-    assert len(regions) == pipe.unet.__dict__["_onediffx_regions"] > 1
+    assert len(regions) == REGIONS.get(pipe.unet) > 1
     prepare(pipe, DeepCacheParams(**RESNET_CACHE))
     both = [m for m in pipe.unet.modules() if has_hook(m, COMPILED) and has_hook(m, DEEP_CACHE_REPLAY)]
     assert both, "the check needs a replayed module that is also a region block"

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from conftest import job_dirs, run_cli
 from onediffx.resources import conf_dir
 from onediffx.config import register_configs, validate
-from onediffx.launch import cache_status, startup_facts, startup_table
+from onediffx.startup import cache_status, startup_facts, startup_table
 
 
 @pytest.mark.parametrize(

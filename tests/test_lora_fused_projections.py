@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import onediffx.lora as lora
-from onediffx.compile.fused_qkv import fuse_qkv
+from onediffx.fused_qkv import fuse_qkv
 from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sdxl
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import onediffx.lora as lora
-from onediffx.compile.fused_qkv import joined, projections
+from onediffx.fused_qkv import joined, projections
 from conftest import job_dirs, run_cli
 from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
 from onediffx.models.tiny import tiny_sd, tiny_sdxl
 from onediffx.quantize import QuantizeConfig, quantize_pipe, quantize_state
 from onediffx.quantize.quality import image_fidelity
-from onediffx.quantize.weights import inner_tensors, is_quantized, record_of
+from onediffx.quantized_weights import inner_tensors, is_quantized, record_of
 
 pytest.importorskip("torchao")
 
@@ -465,7 +465,7 @@ def test_requantizing_an_fp8_weight_gives_torchaos_bits_without_torchaos_module_
     functions directly. The oracle: torchao's own ``quantize_`` handler on the same new weight."""
     import torchao.quantization.quant_api as quant_api
 
-    from onediffx.quantize import weights
+    from onediffx import quantized_weights as weights
     from onediffx.quantize.modes import torchao_config
 
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *_: None)  # fp8 math runs on the CPU too
@@ -514,7 +514,7 @@ def test_fp8_lora_switches_stack_their_weights_and_give_each_weights_own_bits(ru
     high-precision original plus each term, summed in float32 one weight at a time, then torchao's
     own ``quantize_`` handler. The high-precision originals (the parts' memory) never change."""
     from onediffx.lora import fuse as lora_fuse
-    from onediffx.quantize import weights
+    from onediffx import quantized_weights as weights
 
     if run_elements:
         monkeypatch.setattr(lora_fuse, "STACK_ELEMENTS", run_elements)
@@ -560,7 +560,7 @@ def test_an_fp8_switch_that_fails_half_way_is_undone_by_the_next_fuse(tmp_path, 
     """Out of memory in the middle of a switch leaves some fp8 weights re-quantized and others not;
     they count as fused from the start, so unfusing restores every one bit for bit, and fusing again
     gives the bits a switch that never failed gives."""
-    from onediffx.quantize import weights
+    from onediffx import quantized_weights as weights
 
     pipe = _fp8_sdxl_with_two_loras(tmp_path, monkeypatch)
     before = _quantized(pipe)
@@ -592,7 +592,7 @@ def test_an_fp8_switch_that_fails_half_way_is_undone_by_the_next_fuse(tmp_path, 
 
 
 def test_selection_of_cross_attention_kv_and_of_zero_weight_rows_in_fp8():
-    from onediffx.compile.fused_qkv import fuse_qkv
+    from onediffx.fused_qkv import fuse_qkv
     from onediffx.quantize.select import select
 
     unet = tiny_sdxl().unet

@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import REPO, run_cli
-from onediffx.batch import _intact, pending, read_prompts
+from onediffx.commands.batch.journal import intact as _intact, pending
+from onediffx.commands.batch.prompts import read_prompts
 from onediffx.config import validate
 from onediffx.config.dirname import safe_dirname
 from onediffx.errors import ConfigError, NonFiniteError

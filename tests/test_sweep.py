@@ -20,7 +20,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from conftest import job_dirs, run_cli
 from onediffx.errors import ConfigError
 from onediffx.sweep.callback import SweepSummary
-from onediffx.sweep.gpus import concurrent_jobs, gpu_count, lease
+from onediffx.commands.gpus import concurrent_jobs, gpu_count, lease
 from onediffx.sweep.summary import JobRow, choose_baseline
 
 

@@ -62,7 +62,7 @@ def _same_bits_on_one_stream(pipe, names: list, switch) -> bool:
     """Whether a switch whose originals are copied on a side stream gives the bits the same switch
     gives with copies and math on one stream (no overlap, nothing to race)."""
     from onediffx.lora import fuse
-    from onediffx.quantize.weights import inner_tensors
+    from onediffx.quantized_weights import inner_tensors
 
     def weights() -> list:
         return [t.clone() for p in pipe.unet.parameters() for t in (inner_tensors(p) or [p])]

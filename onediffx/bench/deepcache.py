@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..device import device_name, synchronize
-from ..deep_cache import DeepCacheParams, deep_cache, disable_deep_cache, helper_branch_id, pipeline_unet
+from ..deep_cache import DeepCacheParams, deep_cache, disable, enable, helper_branch_id, pipeline_unet
 from .measure import psnr
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -52,8 +52,7 @@ def run_deepcache_bench(
     device = torch.device(device)
     unet = pipeline_unet(pipe)
     # A pipe prepared by the deepcache stage caches every call by default: the baseline must not.
-    stage_defaults = pipe.__dict__.pop("_deep_cache_defaults", None)
-    disable_deep_cache(pipe)
+    stage_defaults = disable(pipe)
     helper_id = helper_branch_id(unet, cache_layer_id, cache_block_id)
     call = _caller(pipe, device, prompt, seed, steps, height, width)
 
@@ -111,7 +110,7 @@ def run_deepcache_bench(
             onediffx_rows(compiled, True)
     finally:
         if stage_defaults is not None:
-            pipe._deep_cache_defaults = stage_defaults
+            enable(pipe, stage_defaults)
     if fresh is not None:
         seconds, image = measure(_caller(fresh(), device, prompt, seed, steps, height, width))
         rows.append(_row("diffusers (again, fresh pipeline)", None, False, seconds, image, reference, device))

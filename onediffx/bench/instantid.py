@@ -16,7 +16,7 @@ import torch
 
 from ..assembly import Assembly
 from ..compile import compile_pipe
-from ..deep_cache import DeepCacheParams, deep_cache_class, prepare
+from ..deep_cache import DeepCacheParams, disable, enable
 from ..device import device_name
 from ..generate import Settings, generate
 from .measure import median_call, psnr, timed
@@ -63,16 +63,14 @@ def run_instantid_bench(asm: Assembly, cfg: Any, intervals: Sequence[int] = (3,)
     compiled = measure(f"onediffx compile={options.backend}", None, "every step", True, first_s, {"eager": eager})
     references = {"eager": eager, "compiled": compiled}
     chosen = cfg.face.controlnet_on_cached_steps
-    pipe.__class__ = deep_cache_class(type(pipe))  # each call arms DeepCache anew, as the deepcache stage does
-    for interval in intervals:
-        pipe._deep_cache_defaults = params = DeepCacheParams(cache_interval=interval)
-        prepare(pipe, params)
+    for interval in intervals:  # each call arms DeepCache anew, as under the deepcache stage
+        enable(pipe, DeepCacheParams(cache_interval=interval))
         for choice in ("skip", "run"):
             cfg.face.controlnet_on_cached_steps = choice  # what generate hands the pipeline
             first_s, _ = timed(lambda: generate(asm, settings), device)
             measure(f"onediffx compile + deepcache i{interval}", interval,
                     "full steps only" if choice == "skip" else "every step", True, first_s, references)
-    pipe._deep_cache_defaults = None
+    disable(pipe)
     cfg.face.controlnet_on_cached_steps = chosen
     base = rows[0]["e2e_s"]
     for row in rows:

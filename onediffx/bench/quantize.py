@@ -51,7 +51,7 @@ def _lora_switching(pipe: Any, files: list[Path], device: torch.device) -> dict[
     """Median milliseconds of switching between two loaded LoRAs (fuse from the originals, re-quantize),
     and whether unfusing gave back the exact weights (quantized ones bit for bit)."""
     from ..lora import delete_adapters, load_lora_and_optionally_fuse, set_and_fuse_adapters, unfuse_lora
-    from ..quantize.weights import inner_tensors
+    from ..quantized_weights import inner_tensors
 
     before = {n: [t.clone() for t in (inner_tensors(p) or [p])] for n, p in pipe.unet.named_parameters()}
     names = [f"q{i}" for i in range(len(files))]

@@ -1,6 +1,6 @@
 """What a job writes and reports, single or batch: image files, their records, the job's facts.
 
-Shared by ``run`` and batch runs (``onediffx.batch``), so a sweep reads both the same way.
+Shared by ``run`` and batch runs (``onediffx.commands.batch``), so a sweep reads both the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..assembly import Assembly
 from ..compile.pipe import compile_counters
 from ..device import device_name
 from ..generate import Generation
-from ..launch import startup_facts, startup_table
+from ..startup import startup_facts, startup_table
 
 
 def save_outputs(out_dir: Path, result: Generation, seeds: list[int]) -> list[str]:

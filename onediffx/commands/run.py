@@ -7,13 +7,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..batch import run_batch
+from .batch.runner import run_batch
 from ..errors import NonFiniteError
 from ..device import peak_memory_gib, reset_peak_memory
 from ..generate import Settings, generate
 from ..metrics import latency_summary, versions, write_json
 from ..resolver import assemble
-from ..sweep.gpus import job_device
+from .gpus import job_device
 from .lock import folder_lock
 from .outputs import image_records, job_facts, print_startup, save_outputs, say_done
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ..config.schema import serve_options
 from ..errors import NotAvailableError
-from ..launch import startup_table
+from ..startup import startup_table
 from ..resolver import plan
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from ..mixins import with_mixin
-
-PINNED = "_onediffx_execution_device"
+from ..state import EXECUTION_DEVICE
 
 
 class PinnedDeviceMixin:
@@ -27,7 +26,7 @@ class PinnedDeviceMixin:
 
     @property
     def _execution_device(self) -> torch.device:
-        pinned = self.__dict__.get(PINNED)
+        pinned = EXECUTION_DEVICE.get(self)
         return pinned if pinned is not None else super()._execution_device
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
@@ -50,8 +49,8 @@ def pin_execution_device(pipe: Any) -> None:
     unpin_execution_device(pipe)
     device = pipe._execution_device
     object.__setattr__(pipe, "__class__", with_mixin(PinnedDeviceMixin, type(pipe), "with a pinned execution device"))
-    pipe.__dict__[PINNED] = device
+    EXECUTION_DEVICE.set(pipe, device)
 
 
 def unpin_execution_device(pipe: Any) -> None:
-    getattr(pipe, "__dict__", {}).pop(PINNED, None)
+    EXECUTION_DEVICE.clear(pipe)

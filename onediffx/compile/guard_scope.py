@@ -20,6 +20,8 @@ import functools
 import re
 from typing import Any
 
+from ..state import CLEANS_UP
+
 _TEMPORARY = re.compile(r"tmp\d*")
 
 
@@ -32,7 +34,7 @@ def install() -> None:
     from torch._guards import ChainedSource
 
     original = getattr(ChainedSource, "get_value", None)
-    if original is None or getattr(original, "_onediffx_cleans_up", False):
+    if original is None or CLEANS_UP.get(original, False):
         return
 
     @functools.wraps(original)
@@ -48,7 +50,7 @@ def install() -> None:
                     scope.pop(key, None)
             raise
 
-    get_value._onediffx_cleans_up = True
+    CLEANS_UP.set(get_value, True)
     ChainedSource.get_value = get_value
 
 

@@ -16,9 +16,11 @@ or attention processor after compiling, which an ahead-of-time graph could not s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
+
+from ..call_signature import describe
 
 PORTABLE_GLOBAL = ("GLOBAL_STATE", "SHAPE_ENV")
 MODULE_ARG = "self"
@@ -35,19 +37,6 @@ def portable_guards(entries: Sequence) -> list[bool]:
     return [entry.guard_type in PORTABLE_GLOBAL
             or (entry.guard_type == "TENSOR_MATCH" and not entry.is_global and not _on_module(entry.name))
             for entry in entries]
-
-
-def describe(value: Any) -> Any:
-    """A hashable summary of a call's arguments: tensor metadata, other values as they are."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device, value.requires_grad)
-    if isinstance(value, dict):
-        return ("dict", tuple((k, describe(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(describe(v) for v in value))
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return ("object", type(value).__qualname__)
 
 
 def dispatch_key(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:

@@ -42,7 +42,7 @@ class IgnoredCompileOptionWarning(UserWarning):
 
 def preset_options(preset: str = "inductor", **overrides: Any) -> CompileConfig:
     """The options of a ``conf/compile/<preset>.yaml`` preset, with ``overrides``."""
-    from ..config.presets import load_preset
+    from ..presets import load_preset
 
     base = OmegaConf.merge(OmegaConf.structured(CompileConfig), load_preset("compile", preset))
     return replace(OmegaConf.to_object(base), **overrides)

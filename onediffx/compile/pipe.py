@@ -22,16 +22,16 @@ from ..graph_cache import GraphCache, config_digest, environment_key
 from ..graph_cache import kernels as inductor_kernels
 from ..hooks import AHEAD_OF_TIME, DEEP_CACHE_DISPATCH, has_hook, remove_hook
 from ..registry import get_backend
+from ..state import COMPILE, PASS_GRAPHS, REGIONS, cache_key_parts
 from . import preload
 from .backends import compile_kwargs, resolve_backend
-from .cuda_graphs import PASS_GRAPHS, GraphedForward, graph_module, mark_passes
+from ..cuda_graphs import GraphedForward, graph_module, mark_passes
 from .dispatch import CompiledForward
 from .execution_device import pin_execution_device, unpin_execution_device
-from .fused_qkv import fuse_qkv
+from ..fused_qkv import fuse_qkv
 from .guard_scope import install as install_guard_fix
 from .options import as_options, compile_options  # noqa: F401  (compile_options: re-exported)
 from .postprocess import pil_on_device
-from .regions import REGIONS
 
 log = logging.getLogger("onediffx.compile")
 
@@ -41,7 +41,7 @@ MEGA = "inductor-artifacts"
 
 @dataclass
 class CompileState:
-    """What ``compile_pipe`` did to a pipeline, kept on it as ``pipe._onediffx_compile``."""
+    """What ``compile_pipe`` did to a pipeline, kept in its ``state.COMPILE`` slot."""
 
     backend: str
     options: CompileConfig
@@ -125,8 +125,7 @@ def compile_pipe(pipe: Any, backend: str = "inductor", options: Any = None, *, o
     options = as_options(options, backend, stacklevel=3)  # a warning about ignored options points at the caller
     if compile_state(pipe) is not None:  # compiled before: back to eager forwards, then compile anew
         restore_eager(pipe)
-    state = CompileState(backend=backend, options=options)
-    pipe._onediffx_compile = state
+    state = COMPILE.set(pipe, CompileState(backend=backend, options=options))
     if backend == "none":
         return pipe
     install_guard_fix()  # Dynamo's lazy path builds guards too
@@ -185,9 +184,9 @@ def restore_eager(pipe: Any) -> int:
             if getattr(module, "_compiled_call_impl", None) is not None:  # ``module.compile()`` (Dynamo's path)
                 module._compiled_call_impl = None
                 removed += 1
-            module.__dict__.pop(REGIONS, None)
-            module.__dict__.pop(PASS_GRAPHS, None)
-    pipe._onediffx_compile = None
+            REGIONS.clear(module)
+            PASS_GRAPHS.clear(module)
+    COMPILE.clear(pipe)
     unpin_execution_device(pipe)
     return removed
 
@@ -215,7 +214,7 @@ def _add_cuda_graphs(state: CompileState, module: torch.nn.Module, path: str, op
     captured, and Inductor's own ``mode=reduce-overhead`` remains for the rest. Under DeepCache's
     dispatcher (asked of the registry) only the passes are captured, never the step dispatch.
     """
-    regional = module.__dict__.get(REGIONS)
+    regional = REGIONS.get(module)
     mark_passes(module, None if regional else compile_kwargs(options))  # regions are compiled already
     if (handle is not None or regional) and not has_hook(module, DEEP_CACHE_DISPATCH):
         graphed = state.graphed[path] = graph_module(module, path)
@@ -228,7 +227,8 @@ def _released(state: CompileState, path: str) -> None:
 
 
 def compile_state(pipe: Any) -> Optional[CompileState]:
-    return getattr(pipe, "_onediffx_compile", None)
+    """What ``compile_pipe`` did to ``pipe`` (``None``: not compiled, or restored to eager)."""
+    return COMPILE.get(pipe)
 
 
 def compile_counters(pipe: Any) -> dict[str, Any]:
@@ -249,13 +249,12 @@ def compile_counters(pipe: Any) -> dict[str, Any]:
 
 
 def component_key(pipe: Any, path: str, state: CompileState) -> dict[str, Any]:
-    from ..quantize.pipe import quantize_key
-
+    """The graph cache's key of one component: environment, architecture, dtype, compile options,
+    and each state slot's part (quantized weights: graphs over them are other graphs)."""
     module = _find(pipe, path)
     param = next(module.parameters())
-    quantized = quantize_key(pipe, path)  # graphs over quantized weights are other graphs
     return {
-        **({"quantize": quantized} if quantized else {}),
+        **cache_key_parts(pipe, path),
         **environment_key(param.device),
         "component": path,
         "class": type(module).__name__,

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from PIL import Image
 
-MARK = "_onediffx_on_device"
+from ..state import ON_DEVICE
 
 
 def _clamped(processor: Any, do_denormalize: Optional[list[bool]]) -> bool:
@@ -33,7 +33,7 @@ def pil_on_device(processor: Any) -> None:
     (``np``/``pt``/``latent`` outputs, grayscale, unclamped images) goes to the original method.
     """
     original = processor.postprocess
-    if getattr(original, MARK, False):
+    if ON_DEVICE.get(original, False):
         return
 
     def postprocess(image: Any, output_type: str = "pil", do_denormalize: Optional[list[bool]] = None, **kwargs: Any):
@@ -44,5 +44,5 @@ def pil_on_device(processor: Any) -> None:
         pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         return [Image.fromarray(p) for p in pixels]
 
-    setattr(postprocess, MARK, True)
+    ON_DEVICE.set(postprocess, True)
     processor.postprocess = postprocess

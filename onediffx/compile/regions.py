@@ -25,9 +25,7 @@ import torch
 from torch import nn
 
 from .dispatch import CompiledForward
-
-REGIONS = "_onediffx_regions"
-"""Module attribute: how many of its submodules were compiled as regions."""
+from ..state import REGIONS
 
 _SCALARS = (bool, int, float, str, type(None))
 
@@ -55,7 +53,7 @@ def compile_regions(module: nn.Module, names: list[str], kwargs: dict[str, Any],
     for path in paths:
         module.get_submodule(path).compile(fullgraph=fullgraph, **kwargs)
     if paths:
-        module.__dict__[REGIONS] = len(paths)
+        REGIONS.set(module, len(paths))
     return len(paths)
 
 
@@ -96,5 +94,5 @@ def compile_regions_aot(module: nn.Module, names: list[str], kwargs: dict[str, A
             shared.digest = digest
         shared.install(block)  # the graphs of its structure group, called with this block
     if paths:
-        module.__dict__[REGIONS] = len(paths)
+        REGIONS.set(module, len(paths))
     return handles

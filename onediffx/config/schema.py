@@ -229,7 +229,7 @@ class RunConfig:
     dtype: str = "auto"
     """``auto``: the model's dtype on an accelerator, float32 on the CPU."""
 
-    # --- sweeps, batch prompts and launches (onediffx.sweep, onediffx.batch, onediffx.launch) ---
+    # --- sweeps, batch prompts and launches (onediffx.sweep, onediffx.commands.batch, onediffx.startup) ---
     prompts: Optional[str] = None
     """A JSON-lines file, one prompt object a line; generates them all instead of ``prompt``."""
     resume: bool = False

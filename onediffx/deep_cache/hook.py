@@ -34,6 +34,7 @@ from torch import nn
 
 from ..hooks import (DEEP_CACHE_DISPATCH, DEEP_CACHE_REPLAY, ForwardHook, add_hook, get_hook, has_hook,
                      release_ahead_of_time, remove_hook)
+from ..state import PASS_GRAPHS
 from .layout import replay_plan
 from .schedule import SCHEDULES, full_steps
 
@@ -139,11 +140,11 @@ class DeepCache(ForwardHook):
         graph wrapper keeps Dynamo out of its own frame, so the passes it calls are compiled
         explicitly here rather than by the UNet's ``compile()``.
         """
-        from ..compile.cuda_graphs import PASS_GRAPHS, CudaGraphs
+        from ..cuda_graphs import CudaGraphs
 
-        if PASS_GRAPHS not in self.unet.__dict__ or "full_pass" in self.__dict__:
+        if not PASS_GRAPHS.has(self.unet) or "full_pass" in self.__dict__:
             return
-        compile_kwargs = self.unet.__dict__[PASS_GRAPHS]
+        compile_kwargs = PASS_GRAPHS.get(self.unet)
         for name in ("full_pass", "shallow_pass"):
             fn = getattr(self, name)
             if compile_kwargs is not None:

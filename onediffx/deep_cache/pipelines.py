@@ -14,17 +14,17 @@ from typing import Any, Optional
 import diffusers
 
 from ..mixins import with_mixin
+from ..state import DEEP_CACHE
 from .params import DeepCacheParams, deep_cache
 
 
 class DeepCacheMixin:
     """Adds ``cache_interval``, ``cache_layer_id``, ``cache_block_id`` (SVD: ``cache_branch``) to ``__call__``.
 
-    ``cache_schedule`` (``uniform``/``nonuniform``) is an extension. ``_deep_cache_defaults``, set by
-    the ``deepcache`` stage, applies to calls that pass no cache arguments.
+    ``cache_schedule`` (``uniform``/``nonuniform``) is an extension. The settings ``enable`` keeps in
+    the pipeline's ``state.DEEP_CACHE`` slot (the ``deepcache`` stage's) apply to calls that pass no
+    cache arguments.
     """
-
-    _deep_cache_defaults: Optional[DeepCacheParams] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each class a ``__call__`` whose signature is diffusers' plus the cache arguments.
@@ -56,7 +56,7 @@ class DeepCacheMixin:
             "cache_branch": cache_branch, "schedule": cache_schedule,
         }
         given = {k: v for k, v in given.items() if v is not None}
-        base = self._deep_cache_defaults
+        base = DEEP_CACHE.get(self)
         if not given and base is None:
             return super().__call__(*args, **kwargs)
         params = DeepCacheParams(**{**(vars(base) if base is not None else {}), **given})

@@ -37,10 +37,10 @@ from torch import nn
 from ..errors import ConfigError
 from ..hooks import DEEP_CACHE_DISPATCH, ForwardHook, add_hook, get_hook, hook_registry, remove_hook
 from ..mixins import with_mixin
+from ..state import IP_ADAPTER_SCALE, IP_ORIGINALS
 
 IDENTITYNET = "onediffx_instantid_identitynet"
 """The ControlNet's forward reads face tokens (and, under DeepCache, runs on full steps only)."""
-SCALE_ATTR = "_onediffx_ip_adapter_scale"
 
 
 def _unwrap(module: Any) -> Any:
@@ -174,7 +174,7 @@ def _ip_processors(unet: nn.Module) -> list[Any]:
 def set_ip_adapter_scale(pipe: Any, scale: float) -> None:
     """The weight of the face tokens in the UNet, folded into ``to_v_ip`` (compiled graphs follow it)."""
     unet = _unwrap(pipe.unet)
-    old = unet.__dict__.get(SCALE_ATTR, 1.0)
+    old = IP_ADAPTER_SCALE.get(unet, 1.0)
     if scale == old:
         return
     processors = _ip_processors(unet)
@@ -182,16 +182,19 @@ def set_ip_adapter_scale(pipe: Any, scale: float) -> None:
         raise ConfigError("face.ip_adapter_scale: the UNet has no IP-Adapter processors; load a face adapter first")
     with torch.no_grad():
         for proc in processors:
+            kept = IP_ORIGINALS.clear(proc) if old == 0 else {}  # the unscaled weights, kept when the scale went to 0
             for i, layer in enumerate(proc.to_v_ip):
-                if old == 0:  # the unscaled weights were kept aside when the scale went to 0
-                    layer.weight.copy_(proc.__dict__.pop(f"_onediffx_v_ip_{i}").to(layer.weight.device))
+                if old == 0:
+                    layer.weight.copy_(kept[i].to(layer.weight.device))
                     layer.weight.mul_(scale)
                 else:
                     if scale == 0:
-                        proc.__dict__[f"_onediffx_v_ip_{i}"] = (layer.weight / old).to("cpu", copy=True)
+                        kept[i] = (layer.weight / old).to("cpu", copy=True)
                     layer.weight.mul_(scale / old)
+            if scale == 0:
+                IP_ORIGINALS.set(proc, kept)
             proc.scale = [1.0] * len(proc.scale)
-    unet.__dict__[SCALE_ATTR] = scale
+    IP_ADAPTER_SCALE.set(unet, scale)
 
 
 def attach_face_adapter(pipe: Any, state_dict: dict[str, dict[str, torch.Tensor]], scale: float = 1.0) -> Any:
@@ -215,7 +218,7 @@ def attach_face_adapter(pipe: Any, state_dict: dict[str, dict[str, torch.Tensor]
     finally:
         diffusers_logging.set_verbosity(level)
     pipe.__class__ = instantid_class(type(pipe))
-    unet.__dict__[SCALE_ATTR] = 1.0
+    IP_ADAPTER_SCALE.set(unet, 1.0)
     set_ip_adapter_scale(pipe, scale)
     return pipe
 

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..compile.fused_qkv import row_in_copy
-from ..quantize.weights import record_of
+from ..fused_qkv import row_in_copy
+from ..quantized_weights import record_of
 from .errors import LoraError, LoraMismatchError
 from .formats import LoraLayer, TargetKey
 

@@ -40,12 +40,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 import torch
 
-from ..quantize import weights as quantized
+from .. import quantized_weights as quantized
+from ..state import LORA
 from .errors import LoraError
 from .fit import Target
 from .formats import TargetKey
 
-STATE_ATTR = "_onediffx_lora"
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Adapter:
 
 @dataclass
 class LoraState:
-    """What one pipeline's LoRA engine knows; kept on the pipeline object."""
+    """What one pipeline's LoRA engine knows; kept in the pipeline's ``state.LORA`` slot."""
 
     adapters: Dict[str, Adapter] = field(default_factory=dict)
     active: Dict[str, float] = field(default_factory=dict)
@@ -84,11 +84,9 @@ class LoraState:
 
 
 def state_of(pipeline: Any) -> LoraState:
-    state = getattr(pipeline, STATE_ATTR, None)
-    if state is None:
-        state = LoraState()
-        object.__setattr__(pipeline, STATE_ATTR, state)
-    return state
+    """The pipeline's LoRA state, made empty on first use."""
+    state = LORA.get(pipeline)
+    return state if state is not None else LORA.set(pipeline, LoraState())
 
 
 def resolve_offload(offload_device: str, like: torch.Tensor) -> torch.device:

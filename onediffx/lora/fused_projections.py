@@ -7,7 +7,7 @@ projections and onediffx fuses into those, so without this module a LoRA fused a
 change weights nothing reads. ``sync`` copies the separate weights into the fused one, in place,
 so compiled graphs and CUDA graphs read the result; only attentions whose projections changed
 since the last sync are copied. Projections onediffx fused share the copy's memory
-(``compile.fused_qkv.share_rows``) and need no copy. A quantized copy whose high-precision original
+(``fused_qkv.share_rows``) and need no copy. A quantized copy whose high-precision original
 was kept is fused into directly (``fit.Target.into``), so its parts (the original's rows) never
 change; one without (``keep_originals=none``) is re-quantized here from its parts.
 """
@@ -20,8 +20,8 @@ from typing import Any, Iterator, List, Tuple
 import torch
 from torch import nn
 
-from ..compile.fused_qkv import joined, projections, shares_rows, stacked_on
-from ..quantize.weights import is_quantized, record_of, requantize
+from ..fused_qkv import joined, projections, shares_rows, stacked_on
+from ..quantized_weights import is_quantized, record_of, requantize
 from .fit import lora_components
 from .fuse import LoraState
 

@@ -4,7 +4,7 @@
     pipe = compile_pipe(pipe)                  # Inductor fuses the scaling into the matmuls
 
 Quantization comes before compiling (graphs are traced over the quantized weights) and before
-LoRA fusing (which then works from the kept high-precision originals: see ``weights``). torchao
+LoRA fusing (which then works from the kept high-precision originals: see ``quantized_weights``). torchao
 does the arithmetic; this module chooses the layers (``select``), checks the device (``modes``)
 and records what it did, for metrics, the graph cache's key and LoRA.
 """
@@ -21,23 +21,20 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..compile.fused_qkv import fuse_qkv, projections, share_rows
 from ..errors import ConfigError
-from ..lora.fuse import STATE_ATTR as LORA_STATE
-from .config import KeepOriginals, QuantizeConfig, QuantizeMode
+from ..fused_qkv import fuse_qkv, projections, share_rows
+from ..quantized_weights import QuantizedWeight, register
+from ..state import LORA, QUANTIZE
 from .calibrate import calibrated_ranges
+from .config import KeepOriginals, QuantizeConfig, QuantizeMode
 from .modes import DTYPE_MAX, check_supported, needed_dtype, static_config, torchao_config
 from .select import PointwiseConv, Selection, is_pointwise_conv, select
-from .weights import QuantizedWeight, register
 
 log = logging.getLogger("onediffx.quantize")
 
-STATE_ATTR = "_onediffx_quantize"
-
-
 @dataclass
 class QuantizeState:
-    """What ``quantize_pipe`` did to a pipeline, kept on it as ``pipe._onediffx_quantize``."""
+    """What ``quantize_pipe`` did to a pipeline, kept in its ``state.QUANTIZE`` slot."""
 
     config: QuantizeConfig
     layers: list[str] = field(default_factory=list)
@@ -71,9 +68,29 @@ class QuantizeState:
             "quantize_seconds": round(self.seconds, 3), "calibration": self.calibration,
         }
 
+    def cache_key(self, component: str) -> Optional[dict[str, Any]]:
+        """This state's part of the graph cache's key of ``component`` (``None``: not quantized there).
+
+        Graphs traced over quantized weights differ from unquantized ones in their inputs and kernels,
+        and differ again with the set of quantized layers: a cache made otherwise is a miss.
+        """
+        top = component.split(".")[0]
+        layers = [n for n in self.layers if n.split(".")[0] == top]
+        if not layers:
+            return None
+        return {"mode": QuantizeMode(self.config.mode).value, "conv_1x1": self.config.conv_1x1,
+                "layers": hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16], "count": len(layers),
+                "torchao": torchao_version(), "recipe": self.recipe(),
+                **({"calibration": self.calibration} if self.calibration else {})}
+
+    def recipe(self) -> Optional[str]:
+        """A digest of the torchao config (its activation bounds, granularity): the graphs trace its ops."""
+        return hashlib.sha256(repr(self.records[0].config).encode()).hexdigest()[:16] if self.records else None
+
 
 def quantize_state(pipe: Any) -> Optional[QuantizeState]:
-    return getattr(pipe, STATE_ATTR, None)
+    """What ``quantize_pipe`` did to ``pipe`` (``None``: not quantized)."""
+    return QUANTIZE.get(pipe)
 
 
 def options_of(mode: Any = None, options: Optional[QuantizeConfig] = None, **overrides: Any) -> QuantizeConfig:
@@ -113,7 +130,7 @@ def _device_dtype(pipe: Any, modules: list[nn.Module]) -> tuple[torch.device, to
 def _weight_bytes(modules: list[nn.Module]) -> int:
     """Bytes of weight memory on the components' device, each block once: the separate q/k/v
     projections are rows of a fused copy (or, quantized, of its original, on the CPU by default)."""
-    from .weights import inner_tensors
+    from ..quantized_weights import inner_tensors
 
     device = next(modules[0].parameters()).device
     blocks: dict[int, int] = {}
@@ -191,7 +208,7 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
         return pipe
     if quantize_state(pipe) is not None:
         raise ConfigError("quantize_pipe: this pipeline is quantized already; load it afresh to quantize it differently")
-    lora = getattr(pipe, LORA_STATE, None)
+    lora = LORA.get(pipe)
     if lora is not None and (lora.fused or lora.adapters):  # loaded ones point at the weights quantizing replaces
         raise ConfigError("quantize_pipe: LoRAs are loaded into this pipeline; quantize first, then load them, or "
                           "delete_adapters() first (fusing into quantized weights works from their high-precision originals)")
@@ -228,7 +245,7 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
         torch.cuda.empty_cache()  # the high-precision weights quantize_ replaced
     state.bytes_after = _weight_bytes(list(found.values()))
     state.seconds = time.perf_counter() - start
-    object.__setattr__(pipe, STATE_ATTR, state)
+    QUANTIZE.set(pipe, state)
     log.info("quantize=%s: %d layers in %.2f s", QuantizeMode(config.mode).value, len(state.layers), state.seconds)
     return pipe
 
@@ -279,26 +296,3 @@ def torchao_version() -> Optional[str]:
         return version("torchao")
     except PackageNotFoundError:
         return None
-
-
-def quantize_key(pipe: Any, component: str) -> Optional[dict[str, Any]]:
-    """What the graph cache's key of ``component`` must include about its quantization (``None``: none).
-
-    Graphs traced over quantized weights differ from unquantized ones in their inputs and kernels,
-    and differ again with the set of quantized layers: a cache made otherwise is a miss.
-    """
-    state = quantize_state(pipe)
-    if state is None:
-        return None
-    top = component.split(".")[0]
-    layers = [n for n in state.layers if n.split(".")[0] == top]
-    if not layers:
-        return None
-    return {"mode": QuantizeMode(state.config.mode).value, "conv_1x1": state.config.conv_1x1,
-            "layers": hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16], "count": len(layers),
-            "torchao": torchao_version(), "recipe": _recipe(state), "calibration": state.calibration}
-
-
-def _recipe(state: QuantizeState) -> Optional[str]:
-    """A digest of the torchao config (its activation bounds, granularity): the graphs trace its ops."""
-    return hashlib.sha256(repr(state.records[0].config).encode()).hexdigest()[:16] if state.records else None

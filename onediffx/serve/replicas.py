@@ -102,14 +102,13 @@ class Replica:
             self.on_lora_switch(time.perf_counter() - start)
 
     def _deepcache(self, interval: int) -> None:
-        from ..deep_cache import DeepCacheMixin, deep_cache_class
+        from ..deep_cache import accept_cache_arguments, enabled
 
         pipe = self.asm.pipe
-        if interval == 1 and getattr(pipe, "_deep_cache_defaults", None) is None:
+        if interval == 1 and enabled(pipe) is None:
             self.asm.call_kwargs.pop("cache_interval", None)  # the plain diffusers call
             return
-        if not isinstance(pipe, DeepCacheMixin):
-            pipe.__class__ = deep_cache_class(type(pipe))
+        accept_cache_arguments(pipe)  # per request: the stage's settings, if any, stay the default
         self.asm.call_kwargs["cache_interval"] = interval
 
     def _batch_size(self, images: int) -> int:

@@ -41,11 +41,11 @@ class CompileStage(Stage[CompileConfig]):
         return resolve_backend(options.backend, asm.device) != "none"
 
     def apply(self, asm: Assembly, options: CompileConfig) -> None:
-        from ..compile import compile_pipe
+        from ..compile import compile_pipe, compile_state
         from ..compile.backends import resolve_backend
 
         backend = resolve_backend(options.backend, asm.device)
         compile_pipe(asm.pipe, backend, options, on_miss=asm.cfg.warmup.unprepared)
-        state = asm.pipe._onediffx_compile
+        state = compile_state(asm.pipe)
         asm.compiled = sorted([*state.saveable, *state.dynamo])
         asm.note(self.name, backend=backend, saveable=sorted(state.saveable), dynamo=state.dynamo)

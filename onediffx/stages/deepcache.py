@@ -29,13 +29,11 @@ class DeepCacheStage(Stage[DeepCacheConfig]):
         return options.enabled
 
     def apply(self, asm: Assembly, options: DeepCacheConfig) -> None:
-        from ..deep_cache import deep_cache_class, prepare
+        from ..deep_cache import enable
         from ..deep_cache.layout import replay_plan
 
         params = options.params()
-        state = prepare(asm.pipe, params, PREFIX)
-        asm.pipe.__class__ = deep_cache_class(type(asm.pipe))
-        asm.pipe._deep_cache_defaults = params
+        state = enable(asm.pipe, params, PREFIX)
         asm.note(
             self.name, cache_interval=params.cache_interval, schedule=ScheduleKind(params.schedule).value,
             skip_index=state.skip_index,

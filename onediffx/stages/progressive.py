@@ -7,7 +7,7 @@ once while a background process compiles the whole-component graphs into the cac
 call after they land switches to them (a cache load and one CUDA-graph capture, no compiling).
 Every later start hits the cache and runs the whole-component graphs from its first image.
 
-The background process is ``python -m onediffx.stages.background`` on this run's resolved config
+The background process is ``python -m onediffx.commands.background_compile`` on this run's resolved config
 (LoRAs left out: compiled graphs read the weights, whatever they are). It writes only its own cache
 entries, atomically and under the cache's lock, so the two processes never see each other's
 half-written files.
@@ -86,7 +86,7 @@ class Progressive:
         self.started = time.perf_counter()
         self.finished: Optional[float] = None
         with open(self.log_path, "w", encoding="utf-8") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "onediffx.stages.background", self.config_path],
+            self.proc = subprocess.Popen([sys.executable, "-m", "onediffx.commands.background_compile", self.config_path],
                                          stdout=out, stderr=subprocess.STDOUT)
         log.warning("compile.progressive: serving from regional graphs; whole-component graphs compile in "
                     "process %d (log: %s)", self.proc.pid, self.log_path)

@@ -32,7 +32,7 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED or config.hydra.mode != RunMode.MULTIRUN:
             return
-        from ..cli import full_error, report
+        from ..commands.user_errors import full_error, report
         from ..metrics import write_json
 
         err = job_return._return_value  # the exception; the public getter re-raises it

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ..launch import cache_status, compile_status
+from ..startup import cache_status, compile_status
 
 ImageKey = tuple[str, Optional[str], int, int]
 """(prompt, negative prompt, seed, frame): images with equal keys are comparable across jobs."""

@@ -6,6 +6,9 @@ inputs, so a new value reaches the graph only if it is copied into those same te
 it and, unless told otherwise, its high-precision original. ``requantize`` quantizes a new
 high-precision value with that config and copies the result in; ``snapshot``/``restore`` save and
 put back the quantized tensors bit for bit.
+
+Quantizing writes these records and LoRA fusing reads them, so the module sits below both and
+imports neither.
 """
 
 from __future__ import annotations

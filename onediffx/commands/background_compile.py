@@ -1,6 +1,7 @@
-"""``python -m onediffx.stages.background CONFIG``: assemble once to fill the graph cache, then exit.
+"""``python -m onediffx.commands.background_compile CONFIG``: assemble once to fill the graph cache, then exit.
 
-Started by ``compile.progressive`` with a resolved run config; see ``progressive.py``.
+Started by the compile stage's progressive mode (``stages/progressive.py``, by module name: a stage
+never imports the app) with a resolved run config.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..resolver import assemble
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m onediffx.stages.background CONFIG.yaml", file=sys.stderr)
+        print("usage: python -m onediffx.commands.background_compile CONFIG.yaml", file=sys.stderr)
         return 2
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(argv[0]))
     asm = assemble(cfg)

@@ -5,7 +5,7 @@ an H100 that costs 39.8 ms per step where the kernels themselves take 31.4 ms: t
 the CPU. Replaying a captured graph launches them all at once (32.8 ms). Inductor's own CUDA
 graphs (``mode="reduce-overhead"``) only exist on Dynamo's lazy path; this wrapper works over any
 callable, so it also covers the ahead-of-time graphs loaded from the graph cache and each
-DeepCache pass.
+DeepCache pass: compile and DeepCache both use it, so it sits below both and imports neither.
 
 What a captured graph assumes, and how this module keeps it true:
 
@@ -34,15 +34,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils._pytree import tree_map_only
 
-from ..hooks import CUDA_GRAPHS, ForwardHook, add_hook, remove_hook
-from .guards import describe
+from .call_signature import describe
+from .hooks import CUDA_GRAPHS, ForwardHook, add_hook, remove_hook
+from .state import PASS_GRAPHS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("onediffx.compile.cuda_graphs")  # compile's, as where it came from
 
 _UNGRAPHABLE = object()
 MAX_GRAPHS = 16
-PASS_GRAPHS = "_onediffx_pass_graphs"
-"""Module attribute: DeepCache captures its passes in CUDA graphs (value: the passes' compile kwargs)."""
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -220,7 +219,7 @@ def mark_passes(module: torch.nn.Module, compile_kwargs: Optional[dict[str, Any]
     DeepCache replaces the UNet's forward by a per-step dispatcher, so the whole forward cannot be
     one graph; each of its two passes can.
     """
-    module.__dict__[PASS_GRAPHS] = compile_kwargs
+    PASS_GRAPHS.set(module, compile_kwargs)
 
 
 def graph_module(module: torch.nn.Module, name: str) -> GraphedForward:

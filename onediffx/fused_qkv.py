@@ -12,6 +12,9 @@ diffusers keeps the separate projections beside the copy, which on SDXL is 1.2 G
 twice (every self-attention's q/k/v and every cross-attention's k/v). ``fuse_qkv`` points each
 separate weight at its rows of the copy instead (``share_rows``): nothing computes with the
 separate projections, LoRA files name them, and a LoRA fused into them now lands in the copy itself.
+
+Compiling, quantizing and LoRA fusing all work on these copies, so this module sits below the three
+and imports none of them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-MARK = "_onediffx_fills_fused"
+from .state import FILLS_FUSED
 
 
 def _fill_fused(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -130,9 +133,9 @@ def fuse_qkv(module: nn.Module) -> int:
                 share_rows(fused, parts)
     hooked = 0
     for attention in module.modules():
-        if getattr(attention, "fused_projections", False) and not getattr(attention, MARK, False):
+        if getattr(attention, "fused_projections", False) and not FILLS_FUSED.get(attention, False):
             attention.register_load_state_dict_pre_hook(_fill_fused)
-            setattr(attention, MARK, True)
+            FILLS_FUSED.set(attention, True)
             hooked += 1
     return hooked
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError
-from ..resources import conf_dir
+from .errors import ConfigError
+from .resources import conf_dir
 
 
 def preset_names(group: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""Batch prompts (``prompts=file.jsonl``): the prompts file, the manifest journal, the runner."""
