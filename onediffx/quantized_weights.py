@@ -32,6 +32,11 @@ class QuantizedWeight:
     original: Optional[torch.Tensor]
     shape: tuple = ()
 
+    @property
+    def static(self) -> bool:
+        """Whether its activations have a calibrated (static) scale rather than one computed per call."""
+        return getattr(self.config, "act_quant_scale", None) is not None
+
 
 _RECORDS: "weakref.WeakValueDictionary[int, QuantizedWeight]" = weakref.WeakValueDictionary()
 """Records by ``id`` of their weight. The pipeline's ``QuantizeState`` owns the records, so they

@@ -106,3 +106,21 @@ def test_calibrating_a_weight_only_mode_is_refused_in_one_line(tmp_path):
     proc = run_cli("run", "model=tiny_xl", "quantize=int8_static", "quantize.mode=fp8_weight_only", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("onediffx: error: quantize.calibrate: fp8_weight_only")
+
+
+def test_fusing_a_lora_into_calibrated_layers_is_refused_before_any_weight_changes(calibrated, tmp_path):
+    """The stated policy: refuse. A LoRA moves activations past the calibrated range, which would clip."""
+    from onediffx.lora import load_lora_and_optionally_fuse
+    from onediffx.lora.errors import LoraError
+    from onediffx.lora.synthetic import lora_targets, random_lora, save_kohya
+    from onediffx.quantized_weights import inner_tensors
+
+    pipe, _, _ = calibrated
+    twin = build_tiny("tiny_xl")  # a LoRA is made for the model's high-precision weights
+    source = save_kohya(random_lora(lora_targets(twin, components=("unet",)), 2, seed=3, strength=0.5),
+                        tmp_path / "style.safetensors")
+    before = {n: [t.clone() for t in (inner_tensors(p) or [p])] for n, p in pipe.unet.named_parameters()}
+    with pytest.raises(LoraError, match=r"has a calibrated activation scale.*\(quantize=fp8 or int8"):
+        load_lora_and_optionally_fuse(pipe, str(source), "style", fuse=True)
+    after = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(a, b) for n, ts in before.items() for a, b in zip(ts, inner_tensors(after[n]) or [after[n]]))

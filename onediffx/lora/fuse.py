@@ -208,6 +208,7 @@ def fuse(state: LoraState, weights: Dict[str, float], offload_device: str = "cpu
             for key, target in adapter.targets.items():
                 if (target.into or key) in dirty:
                     plan.setdefault(target.into or key, []).append((target, weights[name] * target.scale))
+    _refuse_calibrated(plan)
     with torch.no_grad():
         _restore_all(state, [k for k in dirty if k in state.fused and k not in plan])
         params = {key: terms[0][0].param for key, terms in plan.items()}
@@ -225,6 +226,21 @@ def fuse(state: LoraState, weights: Dict[str, float], offload_device: str = "cpu
         state.written.update((key, params[key]._version) for key in requantized)
     state.active = {n: weights[n] for n in state.adapters if n in weights}
     return len(plan)
+
+
+def _refuse_calibrated(plan: Dict[TargetKey, list]) -> None:
+    """Refuse, before any weight is written, to fuse into layers with calibrated activation scales.
+
+    A static scale was fixed from the inputs the layer saw when calibrated; a LoRA changes the
+    activations that reach it (its own layer's outputs and everything downstream), and values past
+    the calibrated range would be clipped without a word. Dynamic scales follow whatever arrives.
+    """
+    for key, terms in plan.items():
+        record = quantized.record_of(terms[0][0].param)
+        if record is not None and record.static:
+            raise LoraError(f"LoRA: {record.name} has a calibrated activation scale (quantize.calibrate), which "
+                            "a fused LoRA would push past and clip; quantize with dynamic scales (quantize=fp8 or "
+                            "int8, calibrate.prompts=0) to fuse and switch LoRAs")
 
 
 def _write(param: torch.nn.Parameter, w0: Optional[torch.Tensor], terms: list) -> None:
