@@ -34,6 +34,7 @@ from ..assembly import Assembly
 from ..compile import compile_pipe, compile_state, load_pipe, save_pipe
 from ..generate import Settings, generate
 from ..quantize import QuantizeConfig, quantize_pipe, quantize_state
+from ..quantize.config import CalibrateConfig, QuantizeMode
 from ..quantize.modes import check_supported, needed_dtype
 from ..quantize.quality import Captured, capture_first_call, image_fidelity, output_error
 from .measure import UNetProbe, matmul_peak_tflops, timed
@@ -72,8 +73,9 @@ def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig,
                   captured: Captured, floor_s: float, loras: list[Path]) -> dict[str, Any]:
     options = OmegaConf.to_object(cfg.compile)
     facts: dict[str, Any] = {}
+    quantize = _options_for(mode)
     if mode != "off":
-        target = needed_dtype(mode, asm.dtype)
+        target = needed_dtype(quantize.mode, asm.dtype)
         if target != asm.dtype:
             asm.pipe.to(dtype=target)
             asm.dtype = target
@@ -82,7 +84,7 @@ def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig,
         # moves the image far, and only this reference isolates what quantizing did.
         facts["same_dtype_reference"] = np.asarray(generate(asm, settings).images[0], dtype=np.float64)
         start = time.perf_counter()
-        quantize_pipe(asm.pipe, options=QuantizeConfig(mode=mode))
+        quantize_pipe(asm.pipe, options=quantize, calibration=f"{cfg.cache.dir}/calibration" if cfg.cache.enabled else None)
         state = quantize_state(asm.pipe)
         facts.update(quantize_s=round(time.perf_counter() - start, 2), quantized_layers=len(state.layers),
                      dtype=state.dtype, weight_mib=state.facts()["weight_mib_after"])
@@ -105,9 +107,21 @@ def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig,
                graphs_compiled=sum(c.compiles for c in state.saveable.values()),
                compile_s=round(sum(sum(c.compile_seconds) for c in state.saveable.values()), 1),
                first_call_includes="cache load" if hit else ("compile" if cached or state.backend != "none" else None))
-    if loras:
+    if loras and not quantize.calibrate.enabled:  # calibrated layers refuse LoRAs (they would clip)
         row.update(_lora_switching(asm.pipe, loras, asm.device))
     return row
+
+
+STATIC_SUFFIX = "_static"
+"""``bench.quantize_modes`` entries ending so (``fp8_static``) calibrate static activation scales, as
+the ``conf/quantize/<mode>_static.yaml`` presets do."""
+
+
+def _options_for(name: str) -> QuantizeConfig:
+    """The quantize options a ``bench.quantize_modes`` entry stands for."""
+    if name.endswith(STATIC_SUFFIX):
+        return QuantizeConfig(mode=QuantizeMode(name[: -len(STATIC_SUFFIX)]), calibrate=CalibrateConfig(prompts=4, steps=4))
+    return QuantizeConfig(mode=QuantizeMode(name))
 
 
 def _say(rows: list[dict[str, Any]]) -> None:
@@ -145,7 +159,7 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
         left = _free(asm)
         asm = fresh()
         try:
-            check_supported(mode, device) if mode != "off" else None
+            check_supported(_options_for(mode).mode, device) if mode != "off" else None
             rows.append(_onediffx_row(asm, mode, settings, cfg, reference, captured, floor_s, loras))
             if left is not None:  # the row's own memory: what earlier rows left allocated is not its
                 rows[-1].update(left_by_earlier_rows_gib=round(left, 2), own_peak_gib=round(rows[-1]["peak_gib"] - left, 2))
