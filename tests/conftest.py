@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def _junit_provenance(request, record_testsuite_property):
     from onediffx.device import device_name, resolve_device
 
     for key, value in provenance(device_name(resolve_device("auto")), REPO).items():
-        record_testsuite_property(key, value if isinstance(value, str) else str(value))
+        record_testsuite_property(key, value if isinstance(value, str) else json.dumps(value))
 
 
 @pytest.fixture(scope="session")
