@@ -124,3 +124,38 @@ def test_fusing_a_lora_into_calibrated_layers_is_refused_before_any_weight_chang
         load_lora_and_optionally_fuse(pipe, str(source), "style", fuse=True)
     after = dict(pipe.unet.named_parameters())
     assert all(torch.equal(a, b) for n, ts in before.items() for a, b in zip(ts, inner_tensors(after[n]) or [after[n]]))
+
+
+def test_each_quantized_layer_reports_its_sqnr_saved_with_the_ranges(calibrated):
+    pipe, folder, _ = calibrated
+    state = quantize_state(pipe)
+    facts = state.facts()
+    assert set(state.sqnr_db) == set(state.layers)
+    values = list(facts["layer_sqnr_db"].values())
+    assert values == sorted(values) and facts["sqnr_db_min"] == values[0]  # worst layers first
+    assert 20 < facts["sqnr_db_min"] < facts["sqnr_db_median"] < 80  # int8: tens of dB, not exact, not broken
+    assert cal.load(folder, state.calibration).sqnr_db == pytest.approx(state.sqnr_db, abs=1e-4)  # float32 in the file
+
+
+def test_sqnr_is_the_power_ratio_in_decibels():
+    reference = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    assert cal.sqnr_db(reference, reference * 1.01) == pytest.approx(40.0, abs=1e-3)  # noise = 1% of the signal
+    assert cal.sqnr_db(reference, reference) == float("inf")
+
+
+def test_min_sqnr_leaves_the_noisiest_layers_in_high_precision_on_every_start(calibrated):
+    """``calibrate.min_sqnr_db``: layers under the floor stay unquantized, the same set on a fresh
+    calibration and on a restart that loads the saved ranges (graph-cache keys must agree)."""
+    pipe, folder, _ = calibrated
+    sqnr = quantize_state(pipe).sqnr_db
+    floor = sorted(sqnr.values())[3] + 1e-3  # the four noisiest layers fall under it
+    options = CalibrateConfig(prompts=CALIBRATE.prompts, steps=CALIBRATE.steps, min_sqnr_db=floor)
+    restarted = build_tiny("tiny_xl")
+    quantize_pipe(restarted, mode="int8", calibrate=options, calibration=folder)
+    fresh = build_tiny("tiny_xl")
+    quantize_pipe(fresh, mode="int8", calibrate=options)
+    noisy = {n for n, v in sqnr.items() if v < floor}
+    for state in (quantize_state(restarted), quantize_state(fresh)):
+        assert len(noisy) == 4 and noisy.isdisjoint(state.layers) and set(state.layers) == set(sqnr) - noisy
+        assert all(state.skipped[n].startswith("SQNR ") for n in noisy)
+    assert quantize_state(fresh).cache_key("unet") == quantize_state(restarted).cache_key("unet")

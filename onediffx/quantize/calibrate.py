@@ -17,11 +17,12 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -50,6 +51,11 @@ class Ranges:
     ndim: Mapping[str, int]
     """Each layer's input rank: torchao's static scale tensor must have the input's number of dimensions."""
     key: str
+    sqnr_db: Mapping[str, float] = field(default_factory=dict)
+    """Each quantized layer's signal-to-quantization-noise ratio on rows of its calibration input
+    (filled after quantizing, saved with the ranges): what a user with real weights checks first."""
+    samples: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    """A few rows of each layer's first calibration input, kept in memory only (for ``sqnr_db``)."""
 
     def scale(self, name: str, dtype_max: float) -> float:
         """The static scale that maps this layer's range onto the 8-bit type's (amax -> ``dtype_max``)."""
@@ -81,13 +87,16 @@ def calibration_key(modules: Mapping[str, nn.Module], mode: str, prompts: int, s
 
 
 @contextmanager
-def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
-    """While open, each module's input absolute maximum (float32, on its device) and rank are kept.
+def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int],
+                                                                        dict[str, torch.Tensor]]]:
+    """While open, each module's input absolute maximum (float32, on its device), rank and a few rows
+    of its first input are kept.
 
     The running maxima stay on the device (no synchronisation per layer call) until read.
     """
     seen: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    rows: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
@@ -95,27 +104,55 @@ def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str,
             amax = args[0].detach().abs().amax().float()
             seen[name] = amax if name not in seen else torch.maximum(seen[name], amax)
             ranks[name] = args[0].dim()
+            if name not in rows:
+                rows[name] = sample_rows(args[0].detach())
 
         return hook
 
     try:
         for name, module in modules.items():
             handles.append(module.register_forward_pre_hook(hook_for(name)))
-        yield seen, ranks
+        yield seen, ranks, rows
     finally:
         for handle in handles:
             handle.remove()
 
 
+SAMPLE_ROWS = 16
+
+
+def sample_rows(x: torch.Tensor) -> torch.Tensor:
+    """``SAMPLE_ROWS`` evenly spaced rows (channel vectors) of a layer input: a linear's last dimension,
+    a 1x1 convolution's channel dimension (NCHW)."""
+    flat = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+    index = torch.linspace(0, flat.shape[0] - 1, min(SAMPLE_ROWS, flat.shape[0]), device=flat.device).long()
+    return flat[index].clone()
+
+
+def as_input(rows: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Rows shaped back into an input of rank ``ndim`` for the layer (NCHW for a 1x1 convolution)."""
+    if ndim == 4:
+        return rows.t().reshape(1, rows.shape[1], rows.shape[0], 1)
+    return rows.reshape(*([1] * (ndim - 2)), *rows.shape)
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """``10 log10(|reference|^2 / |reference - test|^2)`` in float32; infinite when equal."""
+    ref, out = reference.detach().float(), test.detach().float()
+    noise = (ref - out).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum().clamp_min(1e-30) / noise))
+
+
 def record_ranges(modules: Mapping[str, nn.Module], run: Callable[[], None], key: str) -> Ranges:
     """Run ``run`` (the calibration calls) with observers on ``modules``; every module must have seen input."""
-    with torch.no_grad(), observe_inputs(modules) as (seen, ranks):
+    with torch.no_grad(), observe_inputs(modules) as (seen, ranks, rows):
         run()
     missing = sorted(set(modules) - set(seen))
     if missing:
         raise RuntimeError(f"calibration: {len(missing)} layers saw no input (first: {missing[0]}); "
                            "they cannot get a static scale")
-    return Ranges({name: float(value) for name, value in sorted(seen.items())}, dict(sorted(ranks.items())), key)
+    return Ranges({name: float(value) for name, value in sorted(seen.items())}, dict(sorted(ranks.items())), key,
+                  samples=rows)
 
 
 def calibration_calls(pipe: Any, prompts: int, steps: int, height: int, width: int, seed: int = 0) -> Callable[[], None]:
@@ -147,7 +184,8 @@ def save(ranges: Ranges, folder: Path) -> Path:
     target = path_for(folder, ranges.key)
     names = list(ranges.amax)
     tensors = {"amax": torch.tensor([ranges.amax[n] for n in names], dtype=torch.float32),
-               "ndim": torch.tensor([ranges.ndim[n] for n in names], dtype=torch.int32)}
+               "ndim": torch.tensor([ranges.ndim[n] for n in names], dtype=torch.int32),
+               "sqnr_db": torch.tensor([ranges.sqnr_db.get(n, float("nan")) for n in names], dtype=torch.float32)}
     metadata = {"format": str(FORMAT), "key": ranges.key, "layers": json.dumps(names)}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration-", suffix=".tmp")
     os.close(fd)
@@ -173,6 +211,7 @@ def load(folder: Path, key: str) -> Optional[Ranges]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             amax, ndim = f.get_tensor("amax"), f.get_tensor("ndim")
+            sqnr = f.get_tensor("sqnr_db") if "sqnr_db" in f.keys() else torch.full_like(amax, float("nan"))
         names = json.loads(metadata.get("layers", "[]"))
     except Exception:  # unreadable or foreign: calibrate again rather than trust it
         return None
@@ -180,7 +219,8 @@ def load(folder: Path, key: str) -> Optional[Ranges]:
             or amax.shape != (len(names),) or ndim.shape != (len(names),) or not torch.isfinite(amax).all():
         return None
     return Ranges({str(n): float(v) for n, v in zip(names, amax.tolist())},
-                  {str(n): int(d) for n, d in zip(names, ndim.tolist())}, key)
+                  {str(n): int(d) for n, d in zip(names, ndim.tolist())}, key,
+                  {str(n): float(v) for n, v in zip(names, sqnr.tolist()) if v == v})
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
@@ -224,3 +264,35 @@ def calibrated_ranges(pipe: Any, layers: Mapping[str, nn.Module], config: Any, c
     if folder is not None:
         save(ranges, folder)
     return ranges
+
+
+def measure_sqnr(ranges: Ranges, layers: Mapping[str, nn.Module], config_for: Callable[[str], Any]) -> Ranges:
+    """The ranges with each layer's SQNR: its high-precision output against a quantized copy's, on the
+    rows sampled from its own calibration input.
+
+    One layer is copied and quantized at a time (torchao, the config it will get), so the figure is
+    what quantizing this layer alone costs, measured before the model is changed: it can decide
+    which layers to quantize. Layers without samples are left out.
+    """
+    import copy
+
+    from torchao.quantization import quantize_
+
+    found: dict[str, float] = dict(ranges.sqnr_db)
+    with torch.no_grad():
+        for name, module in layers.items():
+            rows = ranges.samples.get(name)
+            if rows is None:
+                continue
+            x = as_input(rows, ranges.ndim[name])
+            quantized = copy.deepcopy(module)
+            quantize_(quantized, config_for(name))
+            found[name] = sqnr_db(module(x), quantized(x))
+            del quantized
+    return replace(ranges, sqnr_db=found)
+
+
+def keep(ranges: Ranges, calibration: Any) -> None:
+    """Save ``ranges`` again where they came from, when that was a folder (now with their SQNR)."""
+    if calibration is not None and not isinstance(calibration, Ranges):
+        save(ranges, Path(calibration))

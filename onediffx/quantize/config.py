@@ -59,6 +59,9 @@ class CalibrateConfig:
 
     prompts: int = 0
     steps: int = 4
+    min_sqnr_db: float = 0.0
+    """Leave in high precision every layer whose SQNR on its calibration rows is below this (dB);
+    0 quantizes every chosen layer. Each layer's SQNR is in metrics.json (``layer_sqnr_db``)."""
 
     def validate(self, prefix: str) -> None:
         from .calibrate import PROMPTS
@@ -67,6 +70,8 @@ class CalibrateConfig:
             raise ConfigError(f"{prefix}prompts={self.prompts} must be between 0 (no calibration) and {len(PROMPTS)}")
         if self.steps < 1:
             raise ConfigError(f"{prefix}steps={self.steps} must be >= 1")
+        if not 0 <= self.min_sqnr_db < 200:
+            raise ConfigError(f"{prefix}min_sqnr_db={self.min_sqnr_db} must be from 0 (keep all) to below 200 dB")
 
     @property
     def enabled(self) -> bool:

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..fused_qkv import fuse_qkv, projections, share_rows
 from ..quantized_weights import QuantizedWeight, register
 from ..state import LORA, QUANTIZE
-from .calibrate import calibrated_ranges
+from .calibrate import calibrated_ranges, keep, measure_sqnr
 from .config import KeepOriginals, QuantizeConfig, QuantizeMode
 from .modes import DTYPE_MAX, check_supported, needed_dtype, static_config, torchao_config
 from .select import PointwiseConv, Selection, is_pointwise_conv, select
@@ -48,6 +48,8 @@ class QuantizeState:
     dtype: str = ""
     calibration: Optional[str] = None
     """Key of the calibrated ranges behind static activation scales (``None``: dynamic scales)."""
+    sqnr_db: dict[str, float] = field(default_factory=dict)
+    """Each quantized layer's SQNR on rows of its calibration input (calibrated modes)."""
     seconds: float = 0.0
     bytes_before: int = 0
     bytes_after: int = 0
@@ -66,6 +68,7 @@ class QuantizeState:
             "weight_mib_before": round(self.bytes_before / 2**20, 1), "weight_mib_after": round(self.bytes_after / 2**20, 1),
             "conv_1x1": self.config.conv_1x1, "keep_originals": KeepOriginals(self.config.keep_originals).value,
             "quantize_seconds": round(self.seconds, 3), "calibration": self.calibration,
+            **_sqnr_facts(self.sqnr_db),
         }
 
     def cache_key(self, component: str) -> Optional[dict[str, Any]]:
@@ -86,6 +89,15 @@ class QuantizeState:
     def recipe(self) -> Optional[str]:
         """A digest of the torchao config (its activation bounds, granularity): the graphs trace its ops."""
         return hashlib.sha256(repr(self.records[0].config).encode()).hexdigest()[:16] if self.records else None
+
+
+def _sqnr_facts(sqnr: dict[str, float]) -> dict[str, Any]:
+    """Per-layer SQNR for metrics.json: the lowest first, so the layers to exclude lead."""
+    if not sqnr:
+        return {}
+    ordered = sorted(sqnr.items(), key=lambda item: item[1])
+    return {"sqnr_db_min": round(ordered[0][1], 2), "sqnr_db_median": round(ordered[len(ordered) // 2][1], 2),
+            "layer_sqnr_db": {name: round(value, 2) for name, value in ordered}}
 
 
 def quantize_state(pipe: Any) -> Optional[QuantizeState]:
@@ -229,16 +241,13 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
                     QuantizeMode(config.mode).value, state.dtype_from, str(target).replace("torch.", ""))
     state.dtype = str(target).replace("torch.", "")
     prepared = {path: _prepare(component, path, config) for path, component in found.items()}
-    ranges = None
-    if config.calibrate.enabled:
-        layers = {name: by_name[name] for chosen, by_name in prepared.values() for name in chosen.chosen}
-        ranges = calibrated_ranges(pipe, layers, config, calibration)
-        state.calibration = ranges.key
+    ranges = _calibrate(pipe, prepared, config, calibration, device) if config.calibrate.enabled else None
+    if ranges is not None:
+        state.calibration, state.sqnr_db = ranges.key, dict(ranges.sqnr_db)
+        _drop_below(prepared, ranges.sqnr_db, config.calibrate.min_sqnr_db)
     for path, component in found.items():
         chosen, by_name = prepared[path]
-        configs = {name: torchao if ranges is None else
-                   static_config(config.mode, ranges.scale(name, DTYPE_MAX[QuantizeMode(config.mode)]), ranges.ndim[name], device)
-                   for name in chosen.chosen}
+        configs = {name: torchao if ranges is None else _static(config, ranges, name, device) for name in chosen.chosen}
         _quantize_component(component, path, chosen, by_name, configs, config, target, state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -248,6 +257,36 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
     QUANTIZE.set(pipe, state)
     log.info("quantize=%s: %d layers in %.2f s", QuantizeMode(config.mode).value, len(state.layers), state.seconds)
     return pipe
+
+
+def _static(config: QuantizeConfig, ranges: Any, name: str, device: torch.device) -> Any:
+    """torchao's static config for layer ``name`` from its calibrated range."""
+    mode = QuantizeMode(config.mode)
+    return static_config(mode, ranges.scale(name, DTYPE_MAX[mode]), ranges.ndim[name], device)
+
+
+def _calibrate(pipe: Any, prepared: dict[str, tuple[Selection, dict[str, nn.Module]]], config: QuantizeConfig,
+               calibration: Any, device: torch.device) -> Any:
+    """The chosen layers' ranges (given, loaded or measured) and, measured with them, each layer's SQNR."""
+    layers = {name: by_name[name] for chosen, by_name in prepared.values() for name in chosen.chosen}
+    ranges = calibrated_ranges(pipe, layers, config, calibration)
+    if ranges.samples:  # measured now: each layer's SQNR, saved with the ranges for later starts
+        measured = ranges
+        ranges = measure_sqnr(measured, layers, lambda name: _static(config, measured, name, device))
+        keep(ranges, calibration)
+    return ranges
+
+
+def _drop_below(prepared: dict[str, tuple[Selection, dict[str, nn.Module]]], sqnr: dict[str, float],
+                floor_db: float) -> None:
+    """Leave layers whose SQNR is below ``floor_db`` in high precision (``quantize.calibrate.min_sqnr_db``)."""
+    if floor_db <= 0:
+        return
+    for chosen, _ in prepared.values():
+        low = [n for n in chosen.chosen if sqnr.get(n, float("inf")) < floor_db]
+        for name in low:
+            chosen.skipped[name] = f"SQNR {sqnr[name]:.1f} dB below calibrate.min_sqnr_db={floor_db:g}"
+        chosen.chosen = [n for n in chosen.chosen if n not in low]
 
 
 def _prepare(component: nn.Module, path: str, config: QuantizeConfig) -> tuple[Selection, dict[str, nn.Module]]:
