@@ -66,7 +66,7 @@ def _prompts(path: Path, n: int) -> Path:
     ("+typo=1", "typo", "not a key of the RunConfig config"),
     ("+lora.mine.source=a.safetensors +lora.mine.scle=2", "lora.mine.scle", "not a key of a LoRA entry"),
     ("+lora.mine.scale=2", "lora.mine.source", "a LoRA needs `source`"),
-    ("+lora.mine.source=a.safetensors +lora.mine.scale=1e9", "lora.mine.scale", "a finite number between -100 and 100"),
+    ("+lora.mine.source=a.safetensors +lora.mine.scale=1e9", "lora.mine.scale", "a finite number from -100 to 100"),
     ("+warmup.typo=1", "warmup.typo", "not a key of the WarmupConfig config"),
 ])
 def test_out_of_range_values_are_one_line_naming_the_key(compose_run, override, key, allowed):

@@ -18,6 +18,8 @@ STEPS_MAX = 1000
 SIDE_MAX = 16384
 NUM_IMAGES_MAX = 256
 GUIDANCE_MAX = 100.0
+LORA_SCALE_MAX = 100.0
+"""A LoRA scale past this multiplies its delta into overflow in half precision: not a weighting."""
 REPEAT_MAX = 10_000
 PROMPT_CHARS_MAX = 10_000
 
@@ -62,8 +64,10 @@ LIMITS: dict[str, Limit] = {
     "num_images": Limit(1, NUM_IMAGES_MAX),
     "guidance": Limit(0, GUIDANCE_MAX, integer=False),
     "repeat": Limit(1, REPEAT_MAX),
+    "scale": Limit(-LORA_SCALE_MAX, LORA_SCALE_MAX, integer=False),
 }
-"""By the last part of the key: ``model.steps`` and a prompts line's ``steps`` share ``steps``."""
+"""By the last part of the key: ``model.steps`` and a prompts line's ``steps`` share ``steps``; ``scale`` is a
+LoRA's (``lora.<name>.scale``, a prompts line's ``lora_scales``, a request's ``loras``)."""
 
 
 def problem(name: str, value: Any) -> Optional[str]:

@@ -7,7 +7,6 @@ prints is enough to fix the config.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Callable, Iterable, Iterator
 
@@ -64,8 +63,7 @@ def validate(cfg: DictConfig) -> None:
         if message:
             raise ConfigError(f"{key}: {message}")
     for i, entry in cfg.lora.items():
-        _check(f"lora.{i}.scale", entry.scale, lambda v: math.isfinite(v) and -100 <= v <= 100,
-               "a finite number between -100 and 100")
+        _limited(f"lora.{i}.scale", entry.scale)
     _check("dtype", cfg.dtype, lambda v: v == "auto" or v in DTYPES, f"auto or one of {', '.join(DTYPES)}")
     _check("model.dtype", cfg.model.dtype, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
     _check("device", cfg.device, lambda v: bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps")

@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 from filelock import FileLock, Timeout
 
+from ..bounded import parse_json
 from . import trust
 from .key import canonical, key_hash
 from .manifest import MAX_MANIFEST_BYTES, FileRecord, Manifest, ManifestError, parse
@@ -88,6 +89,12 @@ def _read_bounded(path: Path, size: Optional[int], limit: int = MAX_MANIFEST_BYT
     if len(data) != info.st_size:
         raise Rejected(f"{path.name} changed size while being read (truncated or corrupt)")
     return data
+
+
+def _manifest_json(path: Path) -> dict[str, Any]:
+    """A manifest's JSON object, through the bounded reader: a deep, huge, non-UTF-8 or non-object
+    manifest is a ``ValueError`` (the entry is quarantined), never a ``RecursionError`` at start-up."""
+    return parse_json(_read_bounded(path, None), path.name, dict, max_bytes=MAX_MANIFEST_BYTES)
 
 
 def _mkdirs(path: Path) -> None:
@@ -318,11 +325,7 @@ class GraphCache:
             return None
 
     def _read(self, entry: Path, component: str, key: dict[str, Any], secret: bytes) -> Loaded:
-        raw = _read_bounded(entry / "manifest.json", None)
-        try:
-            manifest = parse(json.loads(raw))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise Rejected(f"manifest.json is not JSON ({err})") from None
+        manifest = parse(_manifest_json(entry / "manifest.json"))
         self._verify(manifest, secret)
         if canonical(manifest.key) != canonical(key) or manifest.key_hash != entry.name or manifest.component != component:
             raise Rejected("its manifest key does not match the folder's key")
@@ -382,7 +385,7 @@ class GraphCache:
             return False
         for manifest in manifests:
             try:
-                other = json.loads(_read_bounded(manifest, None))["key"]
+                other = _manifest_json(manifest)["key"]
                 if not isinstance(other, dict):
                     continue
             except (OSError, ValueError, KeyError, TypeError, Rejected):

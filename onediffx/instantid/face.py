@@ -25,12 +25,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..bounded import BoundedInputError, read_json
 from ..errors import ConfigError, NotAvailableError, NotFoundError, OnediffxError
 
 EMBEDDING_DIM = 512
 NUM_KPS = 5
 KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
 """Right eye, left eye, nose, right and left mouth corner: the order insightface returns them in."""
+MAX_KPS_BYTES = 64 << 10
+"""Five points and a size: a few hundred bytes; more is not a key points file."""
 LIMBS = ((0, 2), (1, 2), (3, 2), (4, 2))
 """Each key point joined to the nose."""
 
@@ -76,21 +79,46 @@ def check_kps(value: Any, where: str) -> np.ndarray:
     return array
 
 
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a ``.npy`` header declares, read without touching the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not one numpy.save writes for numbers")
+    return shape, dtype
+
+
+def _read_embedding(embedding: str) -> np.ndarray:
+    """``face.npy`` without pickles, its declared shape checked from the header BEFORE anything is
+    allocated: a header may declare 4e9 elements in a 100-byte file."""
+    where = f"face.embedding: {embedding!r}"
+    try:
+        with open(Path(embedding).expanduser(), "rb") as f:
+            shape, dtype = _npy_header(f)
+            if dtype.hasobject or dtype.kind not in "fiu" or len(shape) > 2 or math.prod(shape) != EMBEDDING_DIM:
+                raise FaceError(f"{where}: its header declares shape {shape[:4]} of {dtype}; the face embedding must be "
+                                f"{EMBEDDING_DIM} numbers (shape (512,) or (1, 512)); write one with "
+                                "python -m onediffx.instantid.face")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise FaceError(f"{where} is not a numeric .npy array ({str(err).splitlines()[0][:120]}); "
+                        "save it with numpy.save") from None
+
+
 def load_face(embedding: str, kps: str) -> Face:
     """Read ``face.npy`` and ``kps.json``; each problem is one ``FaceError``/``NotFoundError`` line."""
     for key, path in (("face.embedding", embedding), ("face.kps", kps)):
         if not Path(path).expanduser().is_file():
             raise NotFoundError(f"{key}: {path!r} does not exist")
+    vector = _read_embedding(embedding)
     try:
-        vector = np.load(Path(embedding).expanduser(), allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise FaceError(f"face.embedding: {embedding!r} is not a numeric .npy array ({str(err).splitlines()[0]}); "
-                        "save it with numpy.save") from err
-    try:
-        data = json.loads(Path(kps).expanduser().read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:
-        raise FaceError(f"face.kps: {kps!r} is not JSON ({str(err).splitlines()[0]}); "
-                        'write {"kps": [[x, y], ...], "width": W, "height": H}') from err
+        data = read_json(Path(kps).expanduser(), (dict, list), max_bytes=MAX_KPS_BYTES, where=f"face.kps: {kps!r}")
+    except BoundedInputError as err:
+        raise FaceError(f'{err}; write {{"kps": [[x, y], ...], "width": W, "height": H}}') from None
     points = data.get("kps") if isinstance(data, dict) else data
     size = data if isinstance(data, dict) else {}
     width, height = size.get("width"), size.get("height")

@@ -10,7 +10,6 @@ through diffusers' renaming (renaming moves tensors, it never copies them).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..bounded import BoundedInputError, parse_json
 from .errors import LoraFormatError
-from .sources import RawLora
+from .sources import MAX_HEADER, RawLora
 
 TargetKey = Tuple[str, str]
 """(pipeline component such as ``unet`` or ``text_encoder_2``, module path inside it)."""
@@ -138,16 +138,35 @@ def _lora_configs(raw: RawLora) -> Dict[Optional[str], Dict[str, Any]]:
     text = raw.metadata.get("lora_adapter_metadata")
     if text:
         try:
-            flat = json.loads(text)
-        except ValueError:
-            raise LoraFormatError(f"LoRA {raw.label}: unreadable lora_adapter_metadata in the file header") from None
+            flat = parse_json(text, f"LoRA {raw.label}: lora_adapter_metadata in the file header", dict,
+                              max_bytes=MAX_HEADER)
+        except BoundedInputError as err:
+            raise LoraFormatError(str(err)) from None
         for key, value in flat.items():
             prefix, _, field = key.partition(".")
             if field:
                 configs.setdefault(prefix, {})[field] = value
             else:
                 configs.setdefault(None, {})[key] = value
+    for config in configs.values():
+        _check_config(config, raw.label)
     return configs
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config(config: Any, label: str) -> None:
+    """The fields ``_config_scale`` reads, typed: a string alpha or a list of patterns in a hostile
+    header would otherwise be a ``TypeError`` deep in the scale arithmetic."""
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"LoRA {label}: its LoRA config is {type(config).__name__}, not an object")
+    alpha, patterns = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
+    if not _is_number(alpha):
+        raise LoraFormatError(f"LoRA {label}: lora_alpha {str(alpha)[:40]!r} is not a finite number")
+    if not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+        raise LoraFormatError(f"LoRA {label}: alpha_pattern is not a map of module patterns to finite numbers")
 
 
 def _config_scale(config: Dict[str, Any], module: str, rank: int) -> float:

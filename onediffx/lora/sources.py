@@ -8,7 +8,6 @@ Pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) are refused, because loading o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..bounded import BoundedInputError, parse_json, read_json
 from ..device import free_memory
 from .errors import LoraError, LoraFormatError, LoraNotFoundError
 
@@ -143,6 +143,8 @@ _DTYPES = {
 }
 MAX_HEADER = 100 * 2**20
 """The safetensors library's own limit on the JSON header."""
+MAX_PEFT_CONFIG = 2**20
+"""A PEFT ``adapter_config.json`` is a few hundred bytes of settings; a megabyte is not one."""
 CHUNK = 16 * 2**20
 """Bytes per staging copy to a GPU: two pinned buffers this size are reused, one filling while one copies."""
 
@@ -170,13 +172,9 @@ class _Unreadable(Exception):
 def _parse_header(raw: bytes, data_size: int) -> Tuple[List[_Entry], Dict[str, str]]:
     """The tensors (by offset) and ``__metadata__`` of a header, checked so no view can leave the file."""
     try:
-        header = json.loads(raw)
-    except ValueError:
-        raise _Unreadable("header is not JSON") from None
-    except RecursionError:
-        raise _Unreadable("header is nested too deeply") from None
-    if not isinstance(header, dict):
-        raise _Unreadable("header is not a JSON object")
+        header = parse_json(raw, "header", dict, max_bytes=MAX_HEADER)
+    except BoundedInputError as err:
+        raise _Unreadable(str(err)) from None
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _Unreadable("__metadata__ is not a map of strings")
@@ -346,9 +344,9 @@ def _peft_config_beside(path: Path) -> Optional[Dict[str, Any]]:
     if path.name != "adapter_model.safetensors" or not config.is_file():
         return None
     try:
-        return json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise LoraFormatError(f"LoRA {path}: unreadable {config.name} ({e})") from None
+        return read_json(config, dict, max_bytes=MAX_PEFT_CONFIG, where=f"LoRA {path}: {config.name}")
+    except BoundedInputError as err:
+        raise LoraFormatError(str(err)) from None
 
 
 def read_lora(source: Source, device: torch.device, *, weight_name: Optional[str] = None,

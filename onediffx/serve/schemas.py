@@ -9,15 +9,16 @@ Every string is literal data: nothing here or downstream interpolates or evaluat
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from ..config.limits import SEED_MAX, text_problem
+from ..config.limits import LIMITS, SEED_MAX, problem, text_problem
 
+GUIDANCE = LIMITS["guidance"]
+"""The CLI's guidance range: a request is refused as the CLI refuses (``config/limits.py``)."""
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -65,8 +66,9 @@ class ImageRequestBase(BaseModel):
     @classmethod
     def _finite_scales(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         for name, scale in (value or {}).items():
-            if not math.isfinite(scale) or abs(scale) > 100:
-                raise ValueError(f"loras.{name}: scale {scale} must be a finite number between -100 and 100")
+            message = problem("scale", scale)
+            if message:
+                raise ValueError(f"loras.{name}: {message}")
         return value
 
 
@@ -90,8 +92,8 @@ def request_model(limits: Limits) -> type[ImageRequestBase]:
                                               description="What to avoid; literal text.")),
         seed=(int, Field(0, strict=True, ge=0, le=SEED_MAX, description="Noise seed of the first image (CPU generator).")),
         steps=(int, Field(limits.default_steps, strict=True, ge=1, le=limits.max_steps, description="Denoising steps.")),
-        guidance=(float, Field(limits.default_guidance, ge=0, allow_inf_nan=False,
-                               description="Classifier-free guidance scale (finite, >= 0).")),
+        guidance=(float, Field(limits.default_guidance, ge=GUIDANCE.low, le=GUIDANCE.high, allow_inf_nan=False,
+                               description=f"Classifier-free guidance scale ({GUIDANCE.describe()}).")),
         loras=(Optional[dict[str, float]], Field(None, description=(
             "LoRAs of the preloaded stack to fuse for this request, {name: scale}; names not given are off. "
             "Omitted: the stack at its configured scales."))),

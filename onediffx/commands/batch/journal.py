@@ -12,27 +12,58 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
+from ...bounded import BoundedInputError, parse_json, read_bytes
+from ...config.limits import is_int
 from ...errors import ConfigError
 from .prompts import PromptItem
 
 MANIFEST = "manifest.jsonl"
+MAX_JOURNAL_BYTES = 1 << 30
+"""Read whole on resume: a journal of a million images is a few hundred megabytes."""
+MAX_LINE_BYTES = 1 << 20
+"""One entry: an item's spec (two prompts, bounded) and the image's name and hash."""
+MAX_INDEX = 2**31 - 1
 
 
-def read_manifest(path: Path) -> dict[int, dict[str, Any]]:
-    """Done items by index; a torn last line (killed mid-write) is ignored: that item is redone."""
+def read_manifest(path: Path, warn: Optional[Callable[[str], None]] = None) -> dict[int, dict[str, Any]]:
+    """Done items by index. Resume is the recovery path, so it survives its own journal being
+    damaged: a line that is not a journal entry (not JSON, too deep, not UTF-8, an index that is not
+    a small integer, no file name) is passed to ``warn`` in one line and its item is redone. A torn
+    last line (killed mid-write) is redone the same way."""
     done: dict[int, dict[str, Any]] = {}
     if not path.is_file():
         return done
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(text)
-        except json.JSONDecodeError:
+    try:
+        lines = read_bytes(path, str(path), max_bytes=MAX_JOURNAL_BYTES).splitlines()
+    except BoundedInputError as err:
+        if warn:
+            warn(f"{err}; every item is redone")
+        return done
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
-        if isinstance(entry, dict) and "index" in entry:
-            done[int(entry["index"])] = entry
+        try:
+            entry = _entry(raw, f"{path} line {number}")
+        except BoundedInputError as err:
+            if warn:
+                warn(f"{err}; that item is redone")
+            continue
+        done[entry["index"]] = entry
     return done
+
+
+def _entry(raw: bytes, where: str) -> dict[str, Any]:
+    """One journal line, checked for what resume relies on: an ``index`` and a ``file`` name."""
+    entry = parse_json(raw, where, dict, max_bytes=MAX_LINE_BYTES)
+    index = entry.get("index")
+    if not (is_int(index) and 0 <= index <= MAX_INDEX):
+        shown = repr(index) if len(repr(index)) <= 40 else repr(index)[:37] + "..."
+        raise BoundedInputError(where, f"index {shown} is not an integer from 0 to {MAX_INDEX}")
+    if not isinstance(entry.get("file"), str):
+        raise BoundedInputError(where, "has no 'file' name")
+    return entry
 
 
 def pending(items: list[PromptItem], done: dict[int, dict[str, Any]], out_dir: Path) -> list[PromptItem]:
@@ -108,6 +139,6 @@ def outputs(manifest: Path) -> dict[str, Any]:
     entries = sorted(read_manifest(manifest).values(), key=lambda e: e["index"])
     return {
         "outputs": [e["file"] for e in entries],
-        "images": [dict(file=e["file"], seed=e["seed"], frame=0, prompt=e["prompt"],
-                        negative_prompt=e["negative_prompt"]) for e in entries],
+        "images": [dict(file=e["file"], seed=e.get("seed"), frame=0, prompt=e.get("prompt"),
+                        negative_prompt=e.get("negative_prompt")) for e in entries],
     }

@@ -13,8 +13,6 @@ Only ``prompt`` is required; the rest default to the run's own settings (``seed`
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,16 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig
 
-from ...config.limits import LIMITS, is_number, text_problem
+from ...bounded import BoundedInputError, parse_json, read_bytes
+from ...config.limits import LIMITS, text_problem
 from ...errors import ConfigError, NotFoundError
 from ...generate import Settings
+
+
+MAX_LINE_BYTES = 1 << 20
+"""A line holds two prompts of at most ``PROMPT_CHARS_MAX`` characters each, escaped: far below this."""
+MAX_PROMPTS_BYTES = 1 << 30
+"""The whole file is read (and checked) before the model loads, so it has to fit in memory."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "width": _limited("width"),
     "steps": _limited("steps"),
     "guidance": _limited("guidance"),
-    "lora_scales": (lambda v: isinstance(v, dict) and all(is_number(s) and math.isfinite(s) for s in v.values()),
-                    "an object of LoRA name to finite number"),
+    "lora_scales": (lambda v: isinstance(v, dict) and all(LIMITS["scale"].allows(s) for s in v.values()),
+                    f"an object of LoRA name to {LIMITS['scale'].describe()}"),
 }
 """Each value is literal data: a prompt like ``${oc.env:TOKEN}`` is the text it shows, never resolved."""
 
@@ -81,13 +86,9 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 def parse_line(text: str, index: int, line: int, cfg: DictConfig) -> PromptItem:
     """One line as a ``PromptItem``; a ``ValueError`` says what is wrong with it."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-    except RecursionError:
-        raise ValueError("not a prompt object: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object like {{\"prompt\": \"...\"}}, got {type(data).__name__}")
+        data = parse_json(text, f"line {line}", dict, max_bytes=MAX_LINE_BYTES)
+    except BoundedInputError as err:
+        raise ValueError(f'{err.reason}; write one {{"prompt": "..."}} object a line') from None
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}; allowed: {', '.join(FIELDS)}")
@@ -125,7 +126,11 @@ def read_prompts(cfg: DictConfig) -> PromptFile:
         )
     items, bad = [], []
     index = 0
-    for line, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    try:
+        lines = read_bytes(path, f"prompts: {path}", max_bytes=MAX_PROMPTS_BYTES).splitlines()
+    except BoundedInputError as err:
+        raise ConfigError(str(err)) from None
+    for line, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:

@@ -49,6 +49,10 @@ class LoraScales:
         self.current = weights
 
 
+def _warn_resume(message: str) -> None:
+    print(f"onediffx: warning: resume: {message}", file=sys.stderr, flush=True)
+
+
 def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Generate every pending line of ``cfg.prompts``; returns what was written to ``metrics.json``."""
     if task_of(cfg.model.pipeline) == "img2vid":
@@ -59,7 +63,7 @@ def run_batch(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"prompts: {manifest} exists; pass resume=true to continue it, or choose another hydra.run.dir")
     if cfg.resume:
         drop_torn_line(manifest)
-    done = read_manifest(manifest) if cfg.resume else {}
+    done = read_manifest(manifest, warn=_warn_resume) if cfg.resume else {}
     todo = pending(prompts.items, done, out_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
