@@ -61,10 +61,18 @@ class Face:
 def check_embedding(value: Any, where: str) -> np.ndarray:
     """The embedding as float32 of shape (512,), or a ``FaceError`` naming ``where``."""
     array = np.asarray(value)
-    if array.dtype.kind not in "fiu" or array.size != EMBEDDING_DIM or array.ndim > 2 or not np.isfinite(array).all():
-        raise FaceError(f"{where}: the face embedding must be {EMBEDDING_DIM} finite numbers (shape (512,) or (1, 512)), "
-                        f"got shape {tuple(array.shape)} of {array.dtype}; write one with python -m onediffx.instantid.face")
+    if _wrong_embedding(array.shape, array.dtype) or not np.isfinite(array).all():
+        raise _embedding_error(array.shape, array.dtype, where)
     return array.reshape(EMBEDDING_DIM).astype(np.float32)
+
+
+def _wrong_embedding(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    return dtype.hasobject or dtype.kind not in "fiu" or len(shape) > 2 or math.prod(shape) != EMBEDDING_DIM
+
+
+def _embedding_error(shape: tuple[int, ...], dtype: np.dtype, where: str) -> FaceError:
+    return FaceError(f"{where}: the face embedding must be {EMBEDDING_DIM} finite numbers (shape (512,) or (1, 512)), "
+                     f"got shape {str(tuple(shape))[:80]} of {dtype}; write one with python -m onediffx.instantid.face")
 
 
 def check_kps(value: Any, where: str) -> np.ndarray:
@@ -98,10 +106,8 @@ def _read_embedding(embedding: str) -> np.ndarray:
     try:
         with open(Path(embedding).expanduser(), "rb") as f:
             shape, dtype = _npy_header(f)
-            if dtype.hasobject or dtype.kind not in "fiu" or len(shape) > 2 or math.prod(shape) != EMBEDDING_DIM:
-                raise FaceError(f"{where}: its header declares shape {shape[:4]} of {dtype}; the face embedding must be "
-                                f"{EMBEDDING_DIM} numbers (shape (512,) or (1, 512)); write one with "
-                                "python -m onediffx.instantid.face")
+            if _wrong_embedding(shape, dtype):
+                raise _embedding_error(shape, dtype, where)
             f.seek(0)
             return np.load(f, allow_pickle=False)
     except (ValueError, OSError, EOFError, SyntaxError) as err:
