@@ -326,3 +326,21 @@ def test_server_requests_are_refused_as_the_cli_refuses(field, value, words):
     with pytest.raises(ValidationError) as err:
         model(prompt="x", **{field: value})
     assert words in str(err.value)
+
+
+# -- quantize calibration files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [DEEP.decode(), '"ff"', "{}"], ids=["depth", "string", "object"])
+def test_a_calibration_file_with_bad_layer_names_is_calibrated_again(tmp_path, layers):
+    import torch
+
+    from onediffx.quantize import calibrate as cal
+
+    cal.save(cal.Ranges({"ff": 3.0}, {"ff": 3}, "k1"), tmp_path)
+    path = cal.path_for(tmp_path, "k1")
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"format": str(cal.FORMAT), "key": "k1", "layers": layers})
+    assert cal.load(tmp_path, "k1") is None
+    save_file(tensors, str(path), metadata={"format": str(cal.FORMAT), "key": "k1", "layers": '["ff"]'})
+    assert cal.load(tmp_path, "k1").amax == {"ff": 3.0} and isinstance(tensors["amax"], torch.Tensor)

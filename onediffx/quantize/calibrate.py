@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bounded import parse_json
 from ..errors import ConfigError
 
 PROMPTS = (
@@ -41,6 +42,9 @@ PROMPTS = (
 calibration of the same weights is repeatable."""
 
 FORMAT = 1
+
+MAX_LAYERS_BYTES = 16 << 20
+"""The layer names a calibration file lists: read through the bounded reader like every outside JSON."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,7 @@ def load(folder: Path, key: str) -> Optional[Ranges]:
             metadata = f.metadata() or {}
             amax, ndim = f.get_tensor("amax"), f.get_tensor("ndim")
             sqnr = f.get_tensor("sqnr_db") if "sqnr_db" in f.keys() else torch.full_like(amax, float("nan"))
-        names = json.loads(metadata.get("layers", "[]"))
+        names = parse_json(metadata.get("layers", "[]"), f"{path} layers", list, max_bytes=MAX_LAYERS_BYTES)
     except Exception:  # unreadable or foreign: calibrate again rather than trust it
         return None
     if metadata.get("key") != key or metadata.get("format") != str(FORMAT) or not isinstance(names, list) \
