@@ -27,7 +27,9 @@ MAX_DEPTH = 64
 """Nesting any file onediffx reads needs (a manifest's signatures are the deepest, about 6 levels)."""
 
 Expected = Union[type, tuple[type, ...]]
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+"""A JSON string, or an unterminated one up to the end: every match attempt succeeds, so the scan
+stays linear (a pattern that can fail would retry from each later quote: quadratic on ``"\\"\\"...``)."""
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[[ord("["), ord("{")]] = 1

@@ -77,6 +77,7 @@ def test_depth_is_counted_outside_strings_and_without_recursion():
     assert depth(b'[[1, "]]]]"], {"a": [2, "[[[["]}]') == 3
     assert depth(b'["\\"[[[", [[]]]') == 3  # an escaped quote does not end the string
     assert depth(DEEP * 3) == 100_000
+    assert depth(b'["' + b'\\"[' * 500_000) == 1  # an unterminated string: one linear pass, not one per quote
     assert parse_json(b'{"a": [[1]]}', "x", dict, max_bytes=100) == {"a": [[1]]}
     assert parse_json("[1, 2]", "x", (dict, list), max_bytes=100) == [1, 2]
 
