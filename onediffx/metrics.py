@@ -5,20 +5,28 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("onediffx", "torch", "triton", "diffusers", "transformers", "peft", "hydra-core")
+PACKAGES = ("onediffx", "torch", "triton", "diffusers", "transformers", "peft", "hydra-core", "torchao",
+            "accelerate", "nvidia-cudnn-frontend")
 
 
 def versions() -> dict[str, str]:
+    """Installed versions of what the numbers depend on; CUDA and cuDNN once torch is loaded (never
+    imported here: ``onediffx list`` and config errors stay free of torch)."""
     found = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             found[name] = version(name)
         except PackageNotFoundError:
             continue
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.version.cuda:
+        found["cuda"] = torch.version.cuda
+        found["cudnn"] = str(torch.backends.cudnn.version())
     return found
 
 

@@ -465,7 +465,7 @@ def test_restart_with_another_thread_count_and_an_empty_inductor_cache(compiled,
 
 def test_a_graph_that_cannot_be_serialized_is_one_warning_and_nothing_written(compiled, tmp_path, caplog, monkeypatch):
     """On the H200, graphs traced with AOTAutograd's cache off had no ``serialize`` and the save took
-    a whole server down with it (eighth session): a save that fails is a warning, never the run."""
+    a whole server down with it: a save that fails is a warning, never the run."""
     from onediffx.compile import compile_state, save_pipe
 
     unet = compile_state(compiled["pipe"]).saveable["unet"]

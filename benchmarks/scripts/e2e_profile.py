@@ -5,14 +5,14 @@
     python benchmarks/scripts/e2e_profile.py out.json compile.inductor.triton.enable_pdl=true   # any run.yaml override
     python benchmarks/scripts/e2e_profile.py out.json --tiny model=tiny_sdxl           # a CPU smoke run
 
-The quantize bench's ``quantize=off`` row takes 1.005 s on an H200 where its 30 UNet steps take
-31.0 ms each in isolation: about 75 ms is spent elsewhere. This assembles the pipeline the way
+A compiled SDXL image takes longer than its 30 UNet steps timed in isolation (on an H200, 2026-12-03:
+1.005 s against 30 x 31.0 ms): about 75 ms is spent elsewhere. This assembles the pipeline the way
 ``onediffx run`` does (Hydra composition, the resolver's stages), times ``CALLS`` calls, then marks
 each phase of one more call with CUDA events recorded on the stream: prompt encoding, each UNet call,
 each scheduler step, the VAE decode and the PIL conversion. An event pair measures the device time
 between the two points, idle time included, so the phases plus ``glue`` (what runs between them)
 add up to the call. A host column says how long Python took to issue each phase: a phase whose host
-time exceeds its device time keeps the GPU waiting. ``cProfile`` of a last call names the host
+time exceeds its device time keeps the GPU waiting. ``cProfile`` of a final call names the host
 functions, and a Chrome trace of it is written beside the JSON.
 """
 

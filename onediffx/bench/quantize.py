@@ -34,6 +34,7 @@ from ..assembly import Assembly
 from ..compile import compile_pipe, compile_state, load_pipe, save_pipe
 from ..generate import Settings, generate
 from ..quantize import QuantizeConfig, quantize_pipe, quantize_state
+from ..quantize.calibrate import folder_beside
 from ..quantize.config import CalibrateConfig, QuantizeMode
 from ..quantize.modes import check_supported, needed_dtype
 from ..quantize.quality import Captured, capture_first_call, image_fidelity, output_error
@@ -84,7 +85,7 @@ def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig,
         # moves the image far, and only this reference isolates what quantizing did.
         facts["same_dtype_reference"] = np.asarray(generate(asm, settings).images[0], dtype=np.float64)
         start = time.perf_counter()
-        quantize_pipe(asm.pipe, options=quantize, calibration=f"{cfg.cache.dir}/calibration" if cfg.cache.enabled else None)
+        quantize_pipe(asm.pipe, options=quantize, calibration=folder_beside(cfg.cache.dir) if cfg.cache.enabled else None)
         state = quantize_state(asm.pipe)
         facts.update(quantize_s=round(time.perf_counter() - start, 2), quantized_layers=len(state.layers),
                      dtype=state.dtype, weight_mib=state.facts()["weight_mib_after"])

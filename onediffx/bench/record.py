@@ -60,27 +60,7 @@ def provenance(device_name: str, repo: Path, now: Optional[_dt.datetime] = None)
     commit, dirty = git_commit(repo)
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return {"commit": commit, "dirty": dirty, "time_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "device_name": device_name, "card": card_slug(device_name), "versions": _versions()}
-
-
-def _versions() -> dict[str, str]:
-    found = versions()
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in ("torchao", "accelerate", "nvidia-cudnn-frontend"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    try:
-        import torch
-
-        if torch.version.cuda:
-            found["cuda"] = torch.version.cuda
-            found["cudnn"] = str(torch.backends.cudnn.version())
-    except ImportError:
-        pass
-    return found
+            "device_name": device_name, "card": card_slug(device_name), "versions": versions()}
 
 
 def record_path(root: Path, header: dict[str, Any], scenario: str) -> Path:

@@ -135,7 +135,7 @@ STOP_GRACE_S = 120
 
 def _stop_all(processes: list[_Process]) -> list[Optional[int]]:
     """SIGTERM to every server at once, then one shared grace period: stopped one by one, three
-    servers still compiling took up to three grace periods, past the GPU call's time limit."""
+    servers still compiling took up to three grace periods, past a bounded job's time limit."""
     for p in processes:
         if p.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):  # exited since the poll
@@ -347,8 +347,8 @@ def _ready_row(server: str, label: str, seconds: float, exit_code: Optional[int]
 @contextlib.contextmanager
 def _sigterm_stops_servers() -> Iterator[None]:
     """SIGTERM (``timeout``, an orchestrator) ends Python without running ``finally`` clauses, and the
-    servers, in sessions of their own, do not get it: on the H200 one kept compiling after its bench
-    was gone. As ``SystemExit`` it unwinds through the ``finally`` clauses that stop them."""
+    servers, in process groups of their own, do not get it: one kept compiling after its bench was
+    gone. As ``SystemExit`` it unwinds through the ``finally`` clauses that stop them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -398,7 +398,7 @@ def _cold_start(cfg: DictConfig, work: Path) -> tuple[float, Optional[int]]:
 
 def _peer_start(cfg: DictConfig) -> str:
     """Whether the peer starts from Inductor's on-disk caches: a named folder that is still empty (a
-    fresh GPU machine) is a cold start (the twelfth session's peer row called one warm)."""
+    fresh GPU machine) is a cold start, not a warm one."""
     folder = Path(cfg.bench.serve_peer_cache).expanduser() if cfg.bench.serve_peer_cache else None
     return "warm Inductor cache" if folder and folder.is_dir() and any(folder.iterdir()) else "cold"
 
@@ -448,8 +448,8 @@ def _peer_rows(cfg: DictConfig, peer: _Process, what: str, measure: bool) -> lis
     rows: list[dict[str, Any]] = []
     try:
         peer_s = peer.wait_ready(cfg.bench.serve_ready_timeout)
-        # logged now, not after the load levels: in the eleventh session a call cut short during the
-        # peer's load levels kept no trace of whether it had ever been ready
+        # logged now, not after the load levels: a run cut short during the peer's load levels must
+        # still say whether it had ever been ready
         log.info("serve: %s ready in %.2f s (%s)", peer.label, peer_s, what)
         if measure:
             rows = _drive(cfg, peer.label, peer.url)

@@ -38,7 +38,7 @@ class AttentionSalt(CustomGraphPass):
     config, and the Dynamo graph is the same whichever kernel the priority picks: without this, a
     graph traced under another priority (or by plain ``torch.compile`` with the same cache folder)
     would come back from them. A custom pass's ``uuid`` is part of both keys. Turning the
-    AOTAutograd cache off instead (the seventh session's fix) also loses what ``save_pipe``
+    AOTAutograd cache off instead also loses what ``save_pipe``
     serializes: on CUDA every save then failed.
     """
 

@@ -175,6 +175,11 @@ def calibration_calls(pipe: Any, prompts: int, steps: int, height: int, width: i
     return run
 
 
+def folder_beside(cache_dir: str) -> Path:
+    """Where calibrations live: beside the graph cache, so a restart finds both."""
+    return Path(cache_dir) / "calibration"
+
+
 def path_for(folder: Path, key: str) -> Path:
     return Path(folder) / f"calibration-{key}.safetensors"
 

@@ -59,9 +59,11 @@ class QuantizeStage(Stage[QuantizeConfig]):
             asm.note(self.name, quality=quality.after(asm))
 
 
-def _calibration_folder(asm: Assembly) -> Optional[str]:
+def _calibration_folder(asm: Assembly) -> Optional[Any]:
     """Calibrated ranges live beside the graph cache, so a restart reuses both (``None``: cache off)."""
-    return f"{asm.cfg.cache.dir}/calibration" if asm.cfg.cache.enabled else None
+    from ..quantize.calibrate import folder_beside
+
+    return folder_beside(asm.cfg.cache.dir) if asm.cfg.cache.enabled else None
 
 
 class _Quality:
