@@ -74,6 +74,31 @@ def test_quantize_scenario_rows_carry_quality_against_the_unquantized_pipeline(t
     assert int8["speedup_vs_recipe"] is None  # no recipe row asked for
 
 
+def test_throughput_scenario_measures_images_per_second_per_batch_size(tmp_path):
+    """Each method is measured at every batch size; one call makes ``batch`` images, so images/s is
+    ``batch`` over the call's seconds, and quantized rows say how many layers they quantized."""
+    proc = run_cli("bench", "model=tiny", "model.synthetic=false", "compile=none", "bench.scenarios=[throughput]",
+                   "bench.throughput_modes=[int8]", "bench.throughput_batches=[1,2]", "bench.throughput_steps=2",
+                   "bench.recipe_peer=false", "bench.repeat=1", "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["batch"]) for r in rows] == [
+        ("onediffx quantize=off compile=none", 1), ("onediffx quantize=off compile=none", 2),
+        ("onediffx quantize=int8 compile=none", 1), ("onediffx quantize=int8 compile=none", 2)]
+    for row in rows:
+        assert row["steps"] == 2 and row["images_per_s"] == pytest.approx(row["batch"] / row["e2e_s"], rel=1e-2)
+        assert "speedup_vs_recipe" not in row  # no recipe row asked for
+    assert rows[2]["quantized_layers"] > 0 and "quantized_layers" not in rows[0]
+
+
+@pytest.mark.parametrize("override, key", [("bench.throughput_modes=[fp9]", "bench.throughput_modes[0]"),
+                                           ("bench.throughput_batches=[0]", "bench.throughput_batches[0]")])
+def test_a_bad_throughput_option_is_one_line_before_any_model_loads(tmp_path, override, key):
+    proc = run_cli("bench", "model=tiny", "model.synthetic=false", "bench.scenarios=[throughput]", override, cwd=tmp_path)
+    assert proc.returncode == 2 and f"onediffx: error: {key}:" in proc.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("bench.json"))
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_the_serving_peer_fuses_each_lora_as_diffusers_applies_it_unfused(tmp_path, compiled):
     """The peer fuses the requested LoRA (no adapter branches in its compiled UNet); switching back and

@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -70,43 +70,69 @@ def _lora_switching(pipe: Any, files: list[Path], device: torch.device) -> dict[
     return {"lora_switch_ms": round(statistics.median(times[1:]) * 1000, 1), "lora_unfuse_exact": exact}
 
 
-def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig, reference: np.ndarray,
-                  captured: Captured, floor_s: float, loras: list[Path]) -> dict[str, Any]:
-    options = OmegaConf.to_object(cfg.compile)
-    facts: dict[str, Any] = {}
-    quantize = _options_for(mode)
-    if mode != "off":
-        target = needed_dtype(quantize.mode, asm.dtype)
-        if target != asm.dtype:
-            asm.pipe.to(dtype=target)
-            asm.dtype = target
-        # The same pipeline unquantized, in the dtype the quantized one runs in (eager: compiled gives
-        # the same image). With random weights, 30 steps amplify any difference: fp16 against bf16 alone
-        # moves the image far, and only this reference isolates what quantizing did.
+def quantize_for_bench(asm: Assembly, mode: str, cfg: DictConfig,
+                       settings: Optional[Settings] = None) -> tuple[QuantizeConfig, dict[str, Any]]:
+    """Quantize ``asm.pipe`` for a ``bench.quantize_modes`` entry (``off``: nothing); the facts of it.
+
+    With ``settings``, the facts include the image of the same pipeline unquantized in the dtype the
+    quantized one runs in (``same_dtype_reference``).
+    """
+    quantize, facts = options_for(mode), {}
+    if mode == "off":
+        return quantize, facts
+    target = needed_dtype(quantize.mode, asm.dtype)
+    if target != asm.dtype:
+        asm.pipe.to(dtype=target)
+        asm.dtype = target
+    if settings is not None:
+        # Eager is enough (compiled gives the same image). With random weights, 30 steps amplify any
+        # difference: fp16 against bf16 alone moves the image far, and only this reference isolates
+        # what quantizing did.
         facts["same_dtype_reference"] = np.asarray(generate(asm, settings).images[0], dtype=np.float64)
-        start = time.perf_counter()
-        quantize_pipe(asm.pipe, options=quantize, calibration=folder_beside(cfg.cache.dir) if cfg.cache.enabled else None)
-        state = quantize_state(asm.pipe)
-        facts.update(quantize_s=round(time.perf_counter() - start, 2), quantized_layers=len(state.layers),
-                     dtype=state.dtype, weight_mib=state.facts()["weight_mib_after"])
-        if asm.dtype != getattr(torch, state.dtype):
-            asm.dtype = getattr(torch, state.dtype)
-    error = output_error(asm.pipe.unet, captured)
+    start = time.perf_counter()
+    quantize_pipe(asm.pipe, options=quantize, calibration=folder_beside(cfg.cache.dir) if cfg.cache.enabled else None)
+    state = quantize_state(asm.pipe)
+    facts.update(quantize_s=round(time.perf_counter() - start, 2), quantized_layers=len(state.layers),
+                 dtype=state.dtype, weight_mib=state.facts()["weight_mib_after"])
+    asm.dtype = getattr(torch, state.dtype)
+    return quantize, facts
+
+
+def compile_for_bench(asm: Assembly, cfg: DictConfig) -> tuple[bool, Optional[bool]]:
+    """``compile_pipe`` with the run's compile options, then the graph cache's entry if there is one.
+
+    Returns whether graphs go through the cache and whether every component loaded from it.
+    """
+    options = OmegaConf.to_object(cfg.compile)
     compile_pipe(asm.pipe, options.backend, options)
     cached = bool(cfg.cache.enabled) and compile_state(asm.pipe).backend != "none"
-    hit = None
-    if cached:
-        found = load_pipe(asm.pipe, cfg.cache.dir)
-        hit = bool(found) and all(v["hit"] for v in found.values())
+    if not cached:
+        return False, None
+    found = load_pipe(asm.pipe, cfg.cache.dir)
+    return True, bool(found) and all(v["hit"] for v in found.values())
+
+
+def compiled_so_far(pipe: Any) -> tuple[int, float]:
+    """Graphs compiled in this process and the seconds that took, over every compiled component."""
+    state = compile_state(pipe)
+    return (sum(c.compiles for c in state.saveable.values()),
+            round(sum(sum(c.compile_seconds) for c in state.saveable.values()), 1))
+
+
+def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig, reference: np.ndarray,
+                  captured: Captured, floor_s: float, loras: list[Path]) -> dict[str, Any]:
+    quantize, facts = quantize_for_bench(asm, mode, cfg, settings)
+    error = output_error(asm.pipe.unet, captured)
+    cached, hit = compile_for_bench(asm, cfg)
     first_s, _ = timed(lambda: generate(asm, settings), asm.device)
     if cached and not hit:
         save_pipe(asm.pipe, cfg.cache.dir, overwrite=False)
     state = compile_state(asm.pipe)
-    preset = OmegaConf.select(cfg, "bench.compile_preset") or options.backend
+    preset = OmegaConf.select(cfg, "bench.compile_preset") or cfg.compile.backend
     row = _row(f"onediffx quantize={mode} compile={preset}", asm, settings, cfg, first_s, reference, floor_s)
+    graphs, compile_s = compiled_so_far(asm.pipe)
     row.update(facts, unet_rel_error=None if error is None else round(error, 5), cache_hit=hit,
-               graphs_compiled=sum(c.compiles for c in state.saveable.values()),
-               compile_s=round(sum(sum(c.compile_seconds) for c in state.saveable.values()), 1),
+               graphs_compiled=graphs, compile_s=compile_s,
                first_call_includes="cache load" if hit else ("compile" if cached or state.backend != "none" else None))
     if loras and not quantize.calibrate.enabled:  # calibrated layers refuse LoRAs (they would clip)
         row.update(_lora_switching(asm.pipe, loras, asm.device))
@@ -118,7 +144,7 @@ STATIC_SUFFIX = "_static"
 the ``conf/quantize/<mode>_static.yaml`` presets do."""
 
 
-def _options_for(name: str) -> QuantizeConfig:
+def options_for(name: str) -> QuantizeConfig:
     """The quantize options a ``bench.quantize_modes`` entry stands for."""
     if name.endswith(STATIC_SUFFIX):
         return QuantizeConfig(mode=QuantizeMode(name[: -len(STATIC_SUFFIX)]), calibrate=CalibrateConfig(prompts=4, steps=4))
@@ -160,7 +186,7 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
         left = _free(asm)
         asm = fresh()
         try:
-            check_supported(_options_for(mode).mode, device) if mode != "off" else None
+            check_supported(options_for(mode).mode, device) if mode != "off" else None
             rows.append(_onediffx_row(asm, mode, settings, cfg, reference, captured, floor_s, loras))
             if left is not None:  # the row's own memory: what earlier rows left allocated is not its
                 rows[-1].update(left_by_earlier_rows_gib=round(left, 2), own_peak_gib=round(rows[-1]["peak_gib"] - left, 2))

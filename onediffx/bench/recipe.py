@@ -39,18 +39,27 @@ def _inductor_config(values: dict[str, Any]) -> Iterator[None]:
             setattr(config, k, v)
 
 
-def recipe_row(asm: Assembly, settings: Settings, cfg: DictConfig, reference: np.ndarray, floor_s: float,
-               row: Callable[..., dict[str, Any]], mode: str = "reduce-overhead") -> dict[str, Any]:
-    """diffusers' documented recipe, in place on ``asm.pipe``: channels-last UNet and VAE, fused q/k/v,
-    ``torch.compile(unet, mode=mode, fullgraph=True)`` and a compiled ``vae.decode``; ``row`` measures it
-    (the steady scenario's row function)."""
-    pipe = asm.pipe
+@contextmanager
+def recipe_compiled(pipe: Any, mode: str = "reduce-overhead") -> Iterator[Any]:
+    """diffusers' documented recipe applied in place on ``pipe``: channels-last UNet and VAE, fused
+    q/k/v, ``torch.compile(unet, mode=mode, fullgraph=True)`` and a compiled ``vae.decode``.
+
+    Compiling is lazy (each new shape compiles at its first call), so the guide's Inductor flags stay
+    set for as long as the recipe's pipeline is called, not only while ``torch.compile`` is wrapped.
+    """
     with _inductor_config(RECIPE_INDUCTOR):
         pipe.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
+        yield pipe
+
+
+def recipe_row(asm: Assembly, settings: Settings, cfg: DictConfig, reference: np.ndarray, floor_s: float,
+               row: Callable[..., dict[str, Any]], mode: str = "reduce-overhead") -> dict[str, Any]:
+    """The recipe in place on ``asm.pipe``, measured by ``row`` (the steady scenario's row function)."""
+    with recipe_compiled(asm.pipe, mode):
         first_s, _ = timed(lambda: generate(asm, settings), asm.device)
         out = row(f"{RECIPE} ({mode})", asm, settings, cfg, first_s, reference, floor_s)
     out["first_call_includes"] = "compile"

@@ -82,6 +82,12 @@ def _quantize(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     return run_quantize_bench(_fresh(cfg), cfg, fresh=lambda: _fresh(cfg))
 
 
+def _throughput(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.throughput import run_throughput_bench
+
+    return run_throughput_bench(cfg, fresh=lambda: _fresh(cfg))
+
+
 def _serve(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     from ..bench.serve import run_serve_bench
 
@@ -91,10 +97,27 @@ def _serve(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
 RUNNERS: dict[str, Callable[[DictConfig, Path], list[dict[str, Any]]]] = {
     "steady": _steady, "cold_start": _cold_start, "lora": _lora, "deepcache": _deepcache,
     "instantid": _instantid, "quantize": _quantize, "serve": _serve,
+    "throughput": _throughput,
 }
 
 
 PEER_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_modes(cfg: DictConfig) -> None:
+    """Refuse an unknown quantize mode or batch size before any model loads (not as an error row later)."""
+    from ..bench.quantize import options_for
+
+    for key in ("quantize_modes", "throughput_modes"):
+        for i, mode in enumerate(cfg.bench[key]):
+            try:
+                options_for(mode)
+            except ValueError:
+                raise ConfigError(f"bench.{key}[{i}]: unknown quantize mode {mode!r}; known: off, fp8, int8, "
+                                  "fp8_weight_only, int8_weight_only, fp8_static, int8_static") from None
+    for i, batch in enumerate(cfg.bench.throughput_batches):
+        if batch < 1:
+            raise ConfigError(f"bench.throughput_batches[{i}]: {batch} images per call; give a size of at least 1")
 
 
 def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -111,6 +134,7 @@ def bench_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     mode = cfg.bench.serve_peer_mode
     if mode is not None and mode not in PEER_MODES:
         raise ConfigError(f"bench.serve_peer_mode: unknown torch.compile mode {mode!r}; known: {', '.join(PEER_MODES)}")
+    _check_modes(cfg)
     name = record_name(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")

@@ -264,6 +264,13 @@ class BenchOptions:
     deepcache_compile: bool = True
     quantize_modes: List[str] = field(default_factory=lambda: ["fp8", "int8"])
     """``quantize`` scenario: the modes measured beside unquantized onediffx (``onediffx.bench.quantize``)."""
+    throughput_steps: int = 20
+    """``throughput`` scenario: denoising steps per image (MLPerf's SDXL benchmark runs 20)."""
+    throughput_batches: List[int] = field(default_factory=lambda: [1, 4, 8])
+    """``throughput`` scenario: images per pipeline call, each measured for images/s."""
+    throughput_modes: List[str] = field(default_factory=list)
+    """``throughput`` scenario: quantize modes measured beside the recipe and unquantized onediffx
+    (``fp8``, ``fp8_static``, ``int8_static``, ...: as ``quantize_modes``)."""
     recipe_peer: bool = True
     """Steady and quantize scenarios: diffusers' documented torch.compile recipe (channels-last, fused
     q/k/v, compiled UNet and VAE decode) as a peer row; every row's ``speedup_vs_recipe`` is against it."""
