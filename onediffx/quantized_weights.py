@@ -38,6 +38,8 @@ class QuantizedWeight:
         return getattr(self.config, "act_quant_scale", None) is not None
 
 
+EIGHT_BIT = (torch.float8_e4m3fn, torch.int8)
+
 _RECORDS: "weakref.WeakValueDictionary[int, QuantizedWeight]" = weakref.WeakValueDictionary()
 """Records by ``id`` of their weight. The pipeline's ``QuantizeState`` owns the records, so they
 live as long as it does; the weights themselves are not referenced here (a weak reference to a
@@ -50,8 +52,12 @@ def register(param: torch.Tensor, record: QuantizedWeight) -> None:
 
 
 def record_of(param: Any) -> Optional[QuantizedWeight]:
-    """The record of a weight ``quantize_pipe`` quantized, or ``None`` for any other tensor."""
-    if not isinstance(param, torch.Tensor) or not hasattr(param, "tensor_data_names"):
+    """The record of a weight ``quantize_pipe`` quantized, or ``None`` for any other tensor.
+
+    Quantized weights are torchao tensor subclasses, or plain 8-bit tensors (``quantize.convs``): a
+    16-bit tensor that happens to reuse a freed weight's ``id`` is never taken for it.
+    """
+    if not isinstance(param, torch.Tensor) or not (hasattr(param, "tensor_data_names") or param.dtype in EIGHT_BIT):
         return None
     record = _RECORDS.get(id(param))
     return record if record is not None and record.shape == tuple(param.shape) else None

@@ -4,8 +4,9 @@ The quantize stage should put a layer in 8 bits only where that is faster: this 
 SDXL's own shapes (1024², batch 2 under classifier-free guidance), the 16-bit kernel against its
 8-bit candidates:
 
-* 3x3 convolutions: cuDNN bf16 (what PyTorch runs) against cuDNN's fp8 convolution through the
-  graph API (``nvidia-cudnn-frontend``), with the dequantizing scale fused as an epilogue;
+* 3x3 convolutions: cuDNN bf16 (what PyTorch runs) against onediffx's ``conv2d_8bit`` op (cuDNN's
+  fp8 and int8 convolutions through the graph API, ``nvidia-cudnn-frontend``, the dequantizing
+  scale and bias fused as its epilogue), the op ``quantize.convs`` puts in the UNet;
 * linear layers: cuBLAS bf16 against ``torch._scaled_mm`` fp8 with a per-tensor (static,
   calibrated) scale and with row-wise scales, and ``torch._int_mm`` int8; plus the cost of
   casting the activation when nothing fuses the cast into its producer;
@@ -76,44 +77,35 @@ def _build(cudnn, graph) -> torch.Tensor:
     return torch.empty(max(graph.get_workspace_size(), 1), device=DEV, dtype=torch.uint8)
 
 
-def conv_fp8_cudnn(x8: torch.Tensor, w8: torch.Tensor, descale: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
-    """A cuDNN graph: fp8 conv (fp32 accumulate), times the dequantizing scale, bf16 out."""
-    cudnn, handle = _cudnn_handle()
-    graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
-                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    X, W, S = graph.tensor_like(x8), graph.tensor_like(w8), graph.tensor_like(descale)
-    Y = graph.conv_fprop(image=X, weight=W, padding=[1, 1], stride=[1, 1], dilation=[1, 1],
-                         compute_data_type=cudnn.data_type.FLOAT)
-    Z = graph.scale(input=Y, scale=S)
-    Z.set_output(True).set_data_type(cudnn.data_type.BFLOAT16)
-    workspace = _build(cudnn, graph)
-    pack = {X: x8, W: w8, S: descale, Z: out}
-    return lambda: graph.execute(pack, workspace, handle=handle)
-
-
 def check_convs() -> list[dict]:
+    """bf16 ``F.conv2d`` against onediffx's ``conv2d_8bit`` op (what ``quantize.convs`` runs), fp8 and int8,
+    with the input quantized by the op's own ``quantize_input`` (fused upstream in a compiled graph, so
+    timed separately as ``*_cast_ms``)."""
+    from onediffx.quantize.conv8 import FP8 as FP8_TYPE, Conv8, quantize_input
+
     rows = []
     for side, cin, cout, count in CONVS:
         row = {"kind": "conv3x3", "shape": f"{side}x{side} {cin}->{cout}", "count": count}
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(DEV, torch.bfloat16).to(memory_format=torch.channels_last)
         x = torch.randn(2, cin, side, side, device=DEV, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        w = (torch.randn(cout, cin, 3, 3, device=DEV, dtype=torch.bfloat16) / (cin * 9) ** 0.5).to(memory_format=torch.channels_last)
-        ref = F.conv2d(x, w, padding=1)
-        row["bf16_ms"] = graph_ms(lambda: F.conv2d(x, w, padding=1))
-        try:
-            x8, sx = _fp8(x)
-            w8, sw = _fp8(w)
-            x8, w8 = x8.to(memory_format=torch.channels_last), w8.to(memory_format=torch.channels_last)
-            descale = (sx * sw).reshape(1, 1, 1, 1).contiguous()
-            out = torch.empty_like(ref)
-            run = conv_fp8_cudnn(x8, w8, descale, out)
-            run()
-            torch.cuda.synchronize()
-            row["fp8_cudnn_ms"] = graph_ms(run)
-            row["fp8_sqnr_db"] = round(sqnr_db(ref, out), 1)
-        except Exception as err:  # the table says which candidates the card or library lacks
-            row["fp8_cudnn_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-            if not rows:
-                traceback.print_exc()
+        with torch.no_grad():
+            ref = conv(x)
+            row["bf16_ms"] = graph_ms(lambda: conv(x))
+            for tag, dtype in (("fp8", FP8_TYPE), ("int8", torch.int8)):
+                try:
+                    layer = Conv8(conv, float(x.abs().amax()) / (448.0 if dtype == FP8_TYPE else 127.0), dtype)
+                    q = quantize_input(x, layer.input_inv_scale, dtype)
+                    op = lambda: torch.ops.onediffx.conv2d_8bit(q, layer.weight, layer.descale, layer.bias,  # noqa: E731
+                                                                layer.stride, layer.padding, layer.dilation, x.dtype)
+                    out = op()
+                    torch.cuda.synchronize()
+                    row[f"{tag}_cudnn_ms"] = graph_ms(op)
+                    row[f"{tag}_cast_ms"] = graph_ms(lambda: quantize_input(x, layer.input_inv_scale, dtype))
+                    row[f"{tag}_sqnr_db"] = round(sqnr_db(ref, out), 1)
+                except Exception as err:  # the table says which candidates the card or library lacks
+                    row[f"{tag}_cudnn_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    if not rows:
+                        traceback.print_exc()
         rows.append(row)
     return rows
 
@@ -217,7 +209,7 @@ def summary(rows: list[dict]) -> dict:
     out: dict[str, dict[str, float]] = {}
     for row in rows:
         base = row.get("bf16_ms") or min(v for k, v in row.items() if k.startswith("bf16_") and k.endswith("_ms"))
-        eight = [v for k, v in row.items() if k.endswith("_ms") and not k.startswith("bf16") and k != "cast_ms"]
+        eight = [v for k, v in row.items() if k.endswith("_ms") and not k.startswith("bf16") and not k.endswith("cast_ms")]
         best = min([base, *eight])
         agg = out.setdefault(row["kind"], {"bf16_ms_per_step": 0.0, "best_ms_per_step": 0.0})
         agg["bf16_ms_per_step"] += base * row["count"]

@@ -129,6 +129,13 @@ def _quantized_copy(index: _ModuleIndex, component: str, parent: str, module: to
     return (component, f"{parent}.{name}" if parent else name), row, weight
 
 
+def calibrated_refusal(layer: str) -> LoraError:
+    """Why no LoRA is fused into ``layer``: its input scale was calibrated (``quantize.calibrate``)."""
+    return LoraError(f"LoRA: {layer} has a calibrated activation scale (quantize.calibrate), which a fused LoRA "
+                     "would push past and clip; quantize with dynamic scales (quantize=fp8 or int8, "
+                     "calibrate.prompts=0) to fuse and switch LoRAs")
+
+
 def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: torch.device
         ) -> Dict[TargetKey, Target]:
     """Match every layer to a pipeline weight; ``LoraMismatchError`` if any does not match."""
@@ -139,6 +146,9 @@ def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: t
     for (component, path), layer in layers.items():
         module = index.get(component, path)
         weight = getattr(module, "weight", None)
+        record = record_of(weight)
+        if record is not None and record.static:  # an 8-bit convolution (quantize.convs) is neither class below
+            raise calibrated_refusal(record.name)
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not isinstance(weight, torch.nn.Parameter):
             missing.append(f"{component}.{path}")
             continue
@@ -151,7 +161,6 @@ def fit(layers: Dict[TargetKey, LoraLayer], pipeline: Any, label: str, device: t
         if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
             mismatched.append(f"{component}.{path} (grouped convolution)")
             continue
-        record = record_of(weight)
         if record is not None and record.original is None:  # refused before any weight changes
             raise LoraError(f"LoRA {label} changes {component}.{path}, which is quantized without its "
                             "high-precision weights (quantize.keep_originals=none); quantize with keep_originals=cpu "

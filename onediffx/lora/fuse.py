@@ -43,7 +43,7 @@ import torch
 from .. import quantized_weights as quantized
 from ..state import LORA
 from .errors import LoraError
-from .fit import Target
+from .fit import Target, calibrated_refusal
 from .formats import TargetKey
 
 
@@ -238,9 +238,7 @@ def _refuse_calibrated(plan: Dict[TargetKey, list]) -> None:
     for key, terms in plan.items():
         record = quantized.record_of(terms[0][0].param)
         if record is not None and record.static:
-            raise LoraError(f"LoRA: {record.name} has a calibrated activation scale (quantize.calibrate), which "
-                            "a fused LoRA would push past and clip; quantize with dynamic scales (quantize=fp8 or "
-                            "int8, calibrate.prompts=0) to fuse and switch LoRAs")
+            raise calibrated_refusal(record.name)
 
 
 def _write(param: torch.nn.Parameter, w0: Optional[torch.Tensor], terms: list) -> None:

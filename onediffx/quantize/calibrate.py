@@ -127,14 +127,15 @@ SAMPLE_ROWS = 16
 
 def sample_rows(x: torch.Tensor) -> torch.Tensor:
     """``SAMPLE_ROWS`` evenly spaced rows (channel vectors) of a layer input: a linear's last dimension,
-    a 1x1 convolution's channel dimension (NCHW)."""
+    a convolution's channel dimension (NCHW)."""
     flat = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x.reshape(-1, x.shape[-1])
     index = torch.linspace(0, flat.shape[0] - 1, min(SAMPLE_ROWS, flat.shape[0]), device=flat.device).long()
     return flat[index].clone()
 
 
 def as_input(rows: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Rows shaped back into an input of rank ``ndim`` for the layer (NCHW for a 1x1 convolution)."""
+    """Rows shaped back into an input of rank ``ndim`` for the layer (NCHW for a convolution: a column
+    of pixels, which a 3x3 convolution's zero padding reads like any image's edge)."""
     if ndim == 4:
         return rows.t().reshape(1, rows.shape[1], rows.shape[0], 1)
     return rows.reshape(*([1] * (ndim - 2)), *rows.shape)
@@ -275,18 +276,15 @@ def calibrated_ranges(pipe: Any, layers: Mapping[str, nn.Module], config: Any, c
     return ranges
 
 
-def measure_sqnr(ranges: Ranges, layers: Mapping[str, nn.Module], config_for: Callable[[str], Any]) -> Ranges:
+def measure_sqnr(ranges: Ranges, layers: Mapping[str, nn.Module],
+                 quantized_copy: Callable[[str, nn.Module], nn.Module]) -> Ranges:
     """The ranges with each layer's SQNR: its high-precision output against a quantized copy's, on the
     rows sampled from its own calibration input.
 
-    One layer is copied and quantized at a time (torchao, the config it will get), so the figure is
-    what quantizing this layer alone costs, measured before the model is changed: it can decide
+    One layer is copied and quantized at a time (``quantized_copy``: as it will be), so the figure
+    is what quantizing this layer alone costs, measured before the model is changed: it can decide
     which layers to quantize. Layers without samples are left out.
     """
-    import copy
-
-    from torchao.quantization import quantize_
-
     found: dict[str, float] = dict(ranges.sqnr_db)
     with torch.no_grad():
         for name, module in layers.items():
@@ -294,8 +292,7 @@ def measure_sqnr(ranges: Ranges, layers: Mapping[str, nn.Module], config_for: Ca
             if rows is None:
                 continue
             x = as_input(rows, ranges.ndim[name])
-            quantized = copy.deepcopy(module)
-            quantize_(quantized, config_for(name))
+            quantized = quantized_copy(name, module)
             found[name] = sqnr_db(module(x), quantized(x))
             del quantized
     return replace(ranges, sqnr_db=found)

@@ -103,6 +103,11 @@ class QuantizeConfig:
     conv_1x1: bool = False
     """Quantize 1x1 convolutions as the matrix multiplies they are (the module becomes an
     ``nn.Linear`` over the channel dimension; its state dict then holds a 2-D weight)."""
+    convs: bool = False
+    """Also quantize the 3x3 (spatial) convolutions, with calibrated input scales and per-channel
+    weight scales, through onediffx's 8-bit convolution op (cuDNN's fp8/int8 convolution on CUDA;
+    a float32 reference elsewhere). Needs ``calibrate.prompts > 0``. ``*conv_in``/``*conv_out`` stay
+    excluded by default; ``quantize.exclude`` and ``calibrate.min_sqnr_db`` apply as to linear layers."""
     fuse_qkv: bool = True
     """Fuse each attention's q/k/v projections (diffusers' ``fuse_qkv_projections``) before quantizing:
     one quantized matmul instead of three, and what ``compile.fuse_qkv`` would do later, which it
@@ -126,6 +131,9 @@ class QuantizeConfig:
         if self.calibrate.enabled and QuantizeMode(self.mode) not in (QuantizeMode.fp8, QuantizeMode.int8, QuantizeMode.off):
             raise ConfigError(f"{prefix}calibrate: {QuantizeMode(self.mode).value} quantizes no activations, so there is "
                               "nothing to calibrate; use quantize=fp8 or int8, or calibrate.prompts=0")
+        if self.convs and self.enabled and not self.calibrate.enabled:
+            raise ConfigError(f"{prefix}convs: 8-bit convolutions take a calibrated input scale; set "
+                              f"{prefix}calibrate.prompts (e.g. quantize=fp8_static) or {prefix}convs=false")
         if not self.components and self.enabled:
             raise ConfigError(f"{prefix}components is empty; name at least one (e.g. [unet]) or use quantize=off")
 

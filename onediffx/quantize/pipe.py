@@ -21,11 +21,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotAvailableError
 from ..fused_qkv import fuse_qkv, projections, share_rows
 from ..quantized_weights import QuantizedWeight, register
 from ..state import LORA, QUANTIZE
 from .calibrate import calibrated_ranges, keep, measure_sqnr
+from .conv8 import FP8, QMAX, Conv8, Conv8Config, is_spatial_conv, kernels_available
 from .config import KeepOriginals, QuantizeConfig, QuantizeMode
 from .modes import DTYPE_MAX, check_supported, needed_dtype, static_config, torchao_config
 from .select import PointwiseConv, Selection, is_pointwise_conv, select
@@ -231,6 +232,9 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
     start = time.perf_counter()
     device, dtype = _device_dtype(pipe, list(found.values()))
     check_supported(config.mode, device)
+    missing = kernels_available(device) if config.convs else None
+    if missing:
+        raise NotAvailableError(f"quantize.convs: {missing}; or set quantize.convs=false (linear layers only)")
     torchao = torchao_config(config.mode)  # imports torchao (quietly) before anything changes
     state = QuantizeState(config=config, bytes_before=_weight_bytes(list(found.values())))
     target = needed_dtype(config.mode, dtype)
@@ -249,6 +253,7 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
         chosen, by_name = prepared[path]
         configs = {name: torchao if ranges is None else _static(config, ranges, name, device) for name in chosen.chosen}
         _quantize_component(component, path, chosen, by_name, configs, config, target, state)
+        _swap_convs(component, path, chosen, ranges, config, target, state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the high-precision weights quantize_ replaced
@@ -268,13 +273,50 @@ def _static(config: QuantizeConfig, ranges: Any, name: str, device: torch.device
 def _calibrate(pipe: Any, prepared: dict[str, tuple[Selection, dict[str, nn.Module]]], config: QuantizeConfig,
                calibration: Any, device: torch.device) -> Any:
     """The chosen layers' ranges (given, loaded or measured) and, measured with them, each layer's SQNR."""
-    layers = {name: by_name[name] for chosen, by_name in prepared.values() for name in chosen.chosen}
+    layers = {name: by_name[name] for chosen, by_name in prepared.values() for name in chosen.chosen + chosen.convs}
     ranges = calibrated_ranges(pipe, layers, config, calibration)
     if ranges.samples:  # measured now: each layer's SQNR, saved with the ranges for later starts
         measured = ranges
-        ranges = measure_sqnr(measured, layers, lambda name: _static(config, measured, name, device))
+        ranges = measure_sqnr(measured, layers, lambda name, module: _quantized_copy(config, measured, name, module, device))
         keep(ranges, calibration)
     return ranges
+
+
+def _quantized_copy(config: QuantizeConfig, ranges: Any, name: str, module: nn.Module, device: torch.device) -> nn.Module:
+    """Layer ``name`` quantized as it will be, leaving ``module`` itself untouched."""
+    import copy
+
+    from torchao.quantization import quantize_
+
+    if is_spatial_conv(module):
+        return _conv8(config, ranges, name, module)
+    quantized = copy.deepcopy(module)
+    quantize_(quantized, _static(config, ranges, name, device))
+    return quantized
+
+
+def _conv8(config: QuantizeConfig, ranges: Any, name: str, conv: nn.Module) -> Conv8:
+    dtype = FP8 if QuantizeMode(config.mode) == QuantizeMode.fp8 else torch.int8
+    return Conv8(conv, ranges.scale(name, QMAX[dtype]), dtype)
+
+
+def _swap_convs(component: nn.Module, path: str, chosen: Selection, ranges: Any, config: QuantizeConfig,
+                target: torch.dtype, state: QuantizeState) -> None:
+    """Replace the chosen 3x3 convolutions by ``Conv8`` and record them (LoRA fusing then refuses them:
+    their input scale is calibrated)."""
+    for name in chosen.convs:
+        relative = name[len(path) + 1:]
+        parent_path, _, leaf = relative.rpartition(".")
+        parent = component.get_submodule(parent_path) if parent_path else component
+        conv = getattr(parent, leaf)
+        original = _keep(conv.weight, KeepOriginals(config.keep_originals))
+        replacement = _conv8(config, ranges, name, conv)
+        setattr(parent, leaf, replacement)
+        record = QuantizedWeight(name, Conv8Config(ranges.scale(name, QMAX[replacement.weight.dtype]),
+                                                   replacement.weight.dtype), target, original)
+        register(replacement.weight, record)
+        state.records.append(record)
+        state.layers.append(name)
 
 
 def _drop_below(prepared: dict[str, tuple[Selection, dict[str, nn.Module]]], sqnr: dict[str, float],
@@ -283,10 +325,9 @@ def _drop_below(prepared: dict[str, tuple[Selection, dict[str, nn.Module]]], sqn
     if floor_db <= 0:
         return
     for chosen, _ in prepared.values():
-        low = [n for n in chosen.chosen if sqnr.get(n, float("inf")) < floor_db]
-        for name in low:
-            chosen.skipped[name] = f"SQNR {sqnr[name]:.1f} dB below calibrate.min_sqnr_db={floor_db:g}"
-        chosen.chosen = [n for n in chosen.chosen if n not in low]
+        for name in chosen.chosen + chosen.convs:
+            if sqnr.get(name, float("inf")) < floor_db:
+                chosen.drop({name}, f"SQNR {sqnr[name]:.1f} dB below calibrate.min_sqnr_db={floor_db:g}")
 
 
 def _prepare(component: nn.Module, path: str, config: QuantizeConfig) -> tuple[Selection, dict[str, nn.Module]]:

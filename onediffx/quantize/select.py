@@ -56,7 +56,17 @@ class Selection:
     """The layers to quantize (qualified names) and, for the rest, why not (name -> reason)."""
 
     chosen: list[str] = field(default_factory=list)
+    """Linear layers (and 1x1 convolutions as linears): torchao quantizes them."""
     skipped: dict[str, str] = field(default_factory=dict)
+    convs: list[str] = field(default_factory=list)
+    """3x3 convolutions (``quantize.convs``): they become ``conv8.Conv8``."""
+
+    def drop(self, names: set[str], reason: str) -> None:
+        """Leave ``names`` in high precision, saying why."""
+        for name in names & set(self.chosen + self.convs):
+            self.skipped[name] = reason
+        self.chosen = [n for n in self.chosen if n not in names]
+        self.convs = [n for n in self.convs if n not in names]
 
 
 def _unused_projections(component: nn.Module) -> set[int]:
@@ -136,4 +146,29 @@ def select(component: nn.Module, prefix: str, config: QuantizeConfig) -> Selecti
                                  "and the row 0/0 = NaN)")
         else:
             out.chosen.append(name)
+    if config.convs:
+        _select_convs(component, prefix, config, patterns, out)
     return out
+
+
+def _select_convs(component: nn.Module, prefix: str, config: QuantizeConfig, patterns: list[str],
+                  out: Selection) -> None:
+    """The spatial convolutions ``quantize.convs`` puts in 8 bits, by the same rules as linear layers."""
+    from .conv8 import FP8, fits, is_spatial_conv
+
+    dtype = FP8 if QuantizeMode(config.mode) == QuantizeMode.fp8 else torch.int8
+    for path, module in component.named_modules():
+        if not is_spatial_conv(module):
+            continue
+        name = f"{prefix}.{path}" if path else prefix
+        pattern = excluded_by(name, patterns)
+        reason = fits(module, dtype)
+        if pattern:
+            out.skipped[name] = f"excluded ({pattern})"
+        elif min(module.in_channels, module.out_channels) < config.min_features:
+            out.skipped[name] = (f"small ({module.in_channels}->{module.out_channels} < "
+                                 f"min_features={config.min_features})")
+        elif reason:
+            out.skipped[name] = reason
+        else:
+            out.convs.append(name)
