@@ -218,5 +218,5 @@ def kernels_available(device: torch.device) -> Optional[str]:
     try:
         import cudnn  # noqa: F401
     except Exception as err:  # noqa: BLE001 - a broken install is as unusable as a missing one
-        return f"the cuDNN frontend is not importable ({type(err).__name__}: {err}); pip install nvidia-cudnn-frontend"
+        return f"the cuDNN frontend is not importable ({type(err).__name__}: {err}); pip install 'onediffx[cudnn]'"
     return None
