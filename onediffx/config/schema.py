@@ -34,11 +34,11 @@ class ModelConfig:
     path: Optional[str] = None
     """Local folder (``save_pretrained`` layout) or single ``.safetensors`` file; wins over ``pretrained``."""
     builtin: Optional[str] = None
-    """A built-in tiny model (``tiny``, ``tiny_xl``, ``tiny_svd``, ``tiny_controlnet``, ...)."""
+    """A built-in tiny model (``tiny``, ``tiny_xl``, ``tiny_svd``, ``tiny_flux``, ``tiny_sd3``, ...)."""
     synthetic: bool = False
     """Build the full architecture with seeded random weights (benchmarks without downloads)."""
     arch: Optional[str] = None
-    """Embedded architecture used when ``synthetic`` is true (``sd15``, ``sd21``, ``sdxl``, ``svd``)."""
+    """Embedded architecture used when ``synthetic`` is true (``sdxl``, ``flux_dev``, ``sd35_large``, ...: ``models/arch/``)."""
     unet: Optional[str] = None
     """Hub id or folder of a replacement UNet (LCM-SDXL)."""
     controlnet: Optional[str] = None
