@@ -27,7 +27,7 @@ LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx
            "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.mixins", "onediffx.lazy_exports",
            "onediffx.plugin_loader", "onediffx.requirements", "onediffx.state", "onediffx.fused_qkv",
            "onediffx.quantized_weights", "onediffx.cuda_graphs", "onediffx.call_signature", "onediffx.presets",
-           "onediffx.bounded")
+           "onediffx.bounded", "onediffx.denoiser")
 
 
 def _module_name(path: Path) -> str:
