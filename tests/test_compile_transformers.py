@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import job_dirs, run_cli
-from onediffx.compile import compile_options, compile_pipe, compile_state, save_pipe
+from onediffx.compile import compile_options, compile_pipe, compile_state, load_pipe, save_pipe
 from onediffx.compile.regions import region_names
 from onediffx.models.tiny import tiny_flux, tiny_sd3
 
@@ -64,6 +64,17 @@ def test_flux_restart_loads_the_graph_and_compiles_nothing(flux, tmp_path):
     assert metrics["stages"]["load-graph"]["hit"] is True
     assert metrics["compile_counters"]["graphs_compiled"] == 0 and metrics["compile_counters"]["dynamo_graphs"] == 0
     assert np.abs(image - flux["compiled"]).max() <= 1
+
+
+def test_python_api_round_trip_on_a_fresh_flux_pipeline(flux):
+    """``compile_pipe`` + ``load_pipe`` on a new FLUX pipeline: the saved graph, no compile, the same image."""
+    pipe = tiny_flux()
+    pipe.set_progress_bar_config(disable=True)
+    compile_pipe(pipe, "inductor", compile_options("inductor", components=["transformer"]))
+    found = load_pipe(pipe, str(flux["cache_dir"]))
+    assert found["transformer"]["hit"] is True and found["transformer"]["graphs"] == 1
+    assert np.array_equal(_image(pipe, 3.5), flux["compiled"])
+    assert compile_state(pipe).saveable["transformer"].compiles == 0
 
 
 def test_repeated_blocks_name_each_transformers_blocks():
