@@ -3,10 +3,15 @@
 First-block cache, TaylorSeer and MagCache skip or extrapolate transformer blocks on steps whose
 input barely changed. diffusers implements all three as hooks (``diffusers.hooks``); this package
 only turns the ``stepcache`` config into diffusers' config objects and applies them through the
-transformer's ``enable_cache``, so the hooks stay diffusers' own as diffusers moves.
+transformer's ``enable_cache``, so the hooks stay diffusers' own as diffusers moves. Attributes
+load on first use, so the config schema can use ``StepCacheConfig`` without importing torch.
 """
 
-from .apply import disable, enable, step_cache_of
-from .config import StepCacheConfig, StepCacheKind
+from ..lazy_exports import lazy_getattr
 
-__all__ = ["StepCacheConfig", "StepCacheKind", "disable", "enable", "step_cache_of"]
+_EXPORTS = {
+    "StepCacheConfig": "config", "StepCacheKind": "config",
+    "enable": "apply", "disable": "apply", "step_cache_of": "apply", "diffusers_config": "apply",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
