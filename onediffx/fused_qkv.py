@@ -115,8 +115,11 @@ def fuse_qkv(module: nn.Module) -> int:
     """Fuse the module's attention projections; return how many attentions load-fill their copy.
 
     Projections fused here share their copy's memory (``share_rows``); ones a caller fused before
-    (diffusers' ``fuse_qkv_projections``) are left as they are.
+    (diffusers' ``fuse_qkv_projections``) are left as they are. Joint-attention transformers (FLUX,
+    SD3) stay unfused (``joint_attention``).
     """
+    if joint_attention(module):
+        return 0
     if not any(getattr(m, "fused_projections", False) for m in module.modules()):  # fusing twice reallocates
         if any(hasattr(getattr(getattr(m, "to_q", None), "weight", None), "tensor_data_names") for m in module.modules()):
             from ..errors import ConfigError  # torchao's tensors cannot be concatenated
@@ -138,6 +141,16 @@ def fuse_qkv(module: nn.Module) -> int:
             FILLS_FUSED.set(attention, True)
             hooked += 1
     return hooked
+
+
+def joint_attention(module: nn.Module) -> bool:
+    """Whether ``module`` has attentions with context projections (``add_q_proj``: FLUX, SD3).
+
+    Fusing gives those a second copy (``to_added_qkv``) that neither the load pre-hook nor LoRA's
+    sync refills, so another checkpoint or a LoRA would leave compiled graphs reading stale context
+    weights; and diffusers' fused joint processor fails on SD3.5's self-only second attention.
+    """
+    return any(getattr(m, "add_q_proj", None) is not None for m in module.modules())
 
 
 def _fuse_plain_attentions(module: nn.Module) -> None:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .deep_cache.config import DeepCacheParams
     from .lora.fuse import LoraState
     from .quantize.pipe import QuantizeState
+    from .step_cache.config import StepCacheConfig
 
 T = TypeVar("T")
 
@@ -97,6 +98,7 @@ COMPILE: Slot[CompileState] = Slot("compile", "What ``compile_pipe`` did: backen
 LORA: Slot[LoraState] = Slot("lora", "The LoRA engine's loaded adapters, what is fused now and the kept originals ``W0``.")
 QUANTIZE: Slot[QuantizeState] = Slot("quantize", "What ``quantize_pipe`` did; adds the quantized layers to the graph-cache key.")
 DEEP_CACHE: Slot[DeepCacheParams] = Slot("deep_cache", "DeepCache's settings for calls that pass no cache arguments (``deep_cache.enable``).")
+STEP_CACHE: Slot[StepCacheConfig] = Slot("step_cache", "The diffusers step cache enabled on the transformer (``step_cache.enable``).")
 EXECUTION_DEVICE: Slot[torch.device] = Slot("execution_device", "The device a compiled pipeline's calls run on, pinned (``compile.execution_device``).")
 
 # On a module

@@ -15,7 +15,7 @@ INDUCTOR = dict(backend="inductor", mode=None, fullgraph=True, dynamic=False, re
                 components=["unet", "transformer", "controlnet", "vae.decoder"], text_encoders=False, graph="aot",
                 vae_dtype="bfloat16", progressive=False, pil_on_device=True, attention="auto",
                 inductor={"conv_1x1_as_mm": True, "epilogue_fusion": False})
-BLOCKS = ["BasicTransformerBlock", "ResnetBlock2D"]
+BLOCKS = ["repeated", "ResnetBlock2D"]
 EXPECTED = {
     "inductor": INDUCTOR,
     "auto": {**INDUCTOR, "backend": "auto"},

@@ -20,6 +20,8 @@ from onediffx.startup import cache_status, startup_facts, startup_table
         ("sdxl_prod", "sdxl", "inductor", False, [[1024, 1024], [1216, 832], [832, 1216]]),
         ("sd15_prod", "sd15", "inductor", True, [[512, 512], [768, 512], [512, 768]]),
         ("tiny_prod", "tiny", "none", False, [[64, 64]]),
+        ("flux_prod", "flux_dev", "inductor", False, [[1024, 1024], [1344, 768], [768, 1344]]),
+        ("sd35_prod", "sd35_large", "inductor", False, [[1024, 1024], [1344, 768], [768, 1344]]),
     ],
 )
 def test_launch_presets_compose_and_validate(compose_run, launch, model, backend, deepcache, shapes):

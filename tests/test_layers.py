@@ -22,12 +22,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onediffx"
 APP = ("onediffx.cli", "onediffx.__main__", "onediffx.commands", "onediffx.sweep",
        "onediffx.startup", "onediffx.bench", "onediffx.serve", "onediffx.client")
 STAGES = ("onediffx.stages", "onediffx.resolver", "onediffx.assembly", "onediffx.generate")
-LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.instantid", "onediffx.quantize", "onediffx.graph_cache",
+LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.step_cache", "onediffx.instantid", "onediffx.quantize", "onediffx.graph_cache",
            "onediffx.models", "onediffx.config", "onediffx.device", "onediffx.errors", "onediffx.metrics",
            "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.mixins", "onediffx.lazy_exports",
            "onediffx.plugin_loader", "onediffx.requirements", "onediffx.state", "onediffx.fused_qkv",
            "onediffx.quantized_weights", "onediffx.cuda_graphs", "onediffx.call_signature", "onediffx.presets",
-           "onediffx.bounded")
+           "onediffx.bounded", "onediffx.denoiser")
 
 
 def _module_name(path: Path) -> str:

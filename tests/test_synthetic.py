@@ -29,6 +29,20 @@ EXPECTED = {
     "svd": ("StableVideoDiffusionPipeline", "EulerDiscreteScheduler", {
         "unet": 1_524_623_082, "vae": 97_742_847, "image_encoder": 632_076_800,
     }),
+    "flux_dev": ("FluxPipeline", "FlowMatchEulerDiscreteScheduler", {
+        "transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656,
+    }),
+    "flux_schnell": ("FluxPipeline", "FlowMatchEulerDiscreteScheduler", {
+        "transformer": 11_891_178_560, "vae": 83_819_683, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656,
+    }),
+    "sd35_large": ("StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler", {
+        "transformer": 8_056_627_520, "vae": 83_819_683, "text_encoder": 123_650_304, "text_encoder_2": 694_659_840,
+        "text_encoder_3": 4_762_310_656,
+    }),
+    "sd35_medium": ("StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler", {
+        "transformer": 2_243_171_520, "vae": 83_819_683, "text_encoder": 123_650_304, "text_encoder_2": 694_659_840,
+        "text_encoder_3": 4_762_310_656,
+    }),
 }
 CONTROLNET = {"sd15": ("StableDiffusionControlNetPipeline", 361_279_120),
               "sdxl": ("StableDiffusionXLControlNetPipeline", 1_251_014_160)}
@@ -62,6 +76,12 @@ def test_model_specific_settings() -> None:
     assert sd21.scheduler.config.prediction_type == "v_prediction" and sd21.unet.config.upcast_attention
     assert svd.scheduler.config.use_karras_sigmas and svd.unet.config.num_frames == 25
     assert svd.feature_extractor.crop_size == {"height": 224, "width": 224}
+    dev, schnell, medium = (build_synthetic(arch, META) for arch in ("flux_dev", "flux_schnell", "sd35_medium"))
+    assert dev.transformer.config.guidance_embeds and not schnell.transformer.config.guidance_embeds
+    assert dev.scheduler.config.use_dynamic_shifting and schnell.scheduler.config.shift == 1.0
+    assert dev.vae.config.latent_channels == 16 and dev.vae.config.shift_factor == 0.1159
+    assert dev.tokenizer_2("a fox", padding="max_length", max_length=512).input_ids[-1] == 0  # T5's pad id
+    assert list(medium.transformer.config.dual_attention_layers) == list(range(13)) and medium.vae.config.scaling_factor == 1.5305
 
 
 @pytest.mark.parametrize("arch", sorted(CONTROLNET))
@@ -75,7 +95,8 @@ def test_controlnet(arch: str) -> None:
 def test_unknown_arch() -> None:
     with pytest.raises(ConfigError) as err:
         build_synthetic("sd3", META)
-    assert str(err.value) == "model.arch: unknown synthetic architecture 'sd3'; known: sd15, sd21, sdxl, svd"
+    assert str(err.value) == ("model.arch: unknown synthetic architecture 'sd3'; known: flux_dev, flux_schnell, "
+                              "sd15, sd21, sd35_large, sd35_medium, sdxl, svd")
 
 
 def test_controlnet_needs_a_controlnet_arch() -> None:

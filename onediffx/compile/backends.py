@@ -68,10 +68,10 @@ def inductor(module: nn.Module, name: str, options: Any,
     """
     # Imported here: listing the backends (``onediffx list``) should not import diffusers' hooks.
     from .dispatch import CompiledForward
-    from .regions import compile_regions, compile_regions_aot
+    from .regions import compile_regions, compile_regions_aot, region_names
 
     kwargs = compile_kwargs(options)
-    names = (options.regions or getattr(module, "_repeated_blocks", None) or []) if options.regional else []
+    names = region_names(module, options.regions) if options.regional else []
     if names and options.graph == "aot" and not kwargs["options"].get("triton.cudagraphs"):
         handles = compile_regions_aot(module, names, kwargs, on_miss, name, options.attention)
         if handles:

@@ -62,7 +62,9 @@ class CompileConfig:
     regional: bool = False
     regions: List[str] = field(default_factory=list)
     """With ``regional``: class names of the blocks compiled one by one (shared by all blocks of a
-    shape), e.g. ``[BasicTransformerBlock, ResnetBlock2D]``; empty: diffusers' ``_repeated_blocks``."""
+    shape), e.g. ``[BasicTransformerBlock, ResnetBlock2D]``; ``repeated`` stands for each component's
+    repeated blocks (diffusers' ``_repeated_blocks``: a UNet's transformer blocks, FLUX's and SD3's
+    transformer blocks); empty: ``[repeated]``."""
     channels_last: bool = True
     fuse_qkv: bool = False
     """Attention computes q/k/v (or k/v) with one fused projection (diffusers' ``fuse_qkv_projections``);

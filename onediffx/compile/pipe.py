@@ -195,9 +195,12 @@ def _check_regions(pipe: Any, paths: list[str], names: list[str]) -> None:
     """A region name that matches no block would silently compile the whole component instead."""
     from ..errors import ConfigError
 
+    from .regions import REPEATED
+
     found = {path: module for path in paths if (module := _find(pipe, path)) is not None}
-    present = {type(m).__name__ for module in found.values() for m in module.modules()}
-    missing = [name for name in names if name not in present]
+    # Any component counts: the regional preset's ResnetBlock2D is the VAE's even when only a transformer compiles.
+    present = {type(m).__name__ for module in pipeline_modules(pipe) for m in module.modules()}
+    missing = [name for name in names if name not in present and name != REPEATED]
     if missing:
         blocks = sorted(n for n in present if n.endswith(("Block", "Block2D", "Block3D")))
         raise ConfigError(f"compile.regions: no {', '.join(missing)} in {', '.join(found)}; "

@@ -29,6 +29,33 @@ from ..state import REGIONS
 
 _SCALARS = (bool, int, float, str, type(None))
 
+REPEATED = "repeated"
+"""In ``compile.regions``: the component's own repeated blocks (``repeated_blocks``)."""
+
+REPEATED_BLOCKS = {"SD3Transformer2DModel": ["JointTransformerBlock"]}
+"""Repeated blocks of denoisers whose diffusers class declares no ``_repeated_blocks``."""
+
+
+def repeated_blocks(module: nn.Module) -> list[str]:
+    """The block classes diffusers' ``compile_repeated_blocks`` would compile in ``module`` (its
+    ``_repeated_blocks``: FLUX's double- and single-stream blocks, the UNet's transformer blocks)."""
+    return list(getattr(module, "_repeated_blocks", None) or REPEATED_BLOCKS.get(type(module).__name__, []))
+
+
+def region_names(module: nn.Module, names: list[str]) -> list[str]:
+    """The block classes compiled one by one in ``module``: ``names``, with ``repeated`` standing for
+    the module's repeated blocks; no names at all means those repeated blocks alone.
+
+    One preset (``[repeated, ResnetBlock2D]``) so serves a UNet (its transformer blocks), FLUX and SD3
+    (their transformer blocks) and every VAE decoder (its resnet blocks) alike.
+    """
+    out: list[str] = []
+    for name in names or [REPEATED]:
+        for block in repeated_blocks(module) if name == REPEATED else [name]:
+            if block not in out:
+                out.append(block)
+    return out
+
 
 def region_paths(module: nn.Module, names: list[str]) -> list[str]:
     """Paths of the submodules whose class is named in ``names``; a match inside a match is skipped."""

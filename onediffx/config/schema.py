@@ -19,6 +19,7 @@ from ..compile.config import CompileConfig, OnMiss
 from ..errors import ConfigError
 from ..deep_cache.config import DeepCacheConfig
 from ..quantize.config import QuantizeConfig
+from ..step_cache.config import StepCacheConfig
 from ..instantid.config import FaceConfig
 
 
@@ -34,11 +35,11 @@ class ModelConfig:
     path: Optional[str] = None
     """Local folder (``save_pretrained`` layout) or single ``.safetensors`` file; wins over ``pretrained``."""
     builtin: Optional[str] = None
-    """A built-in tiny model (``tiny``, ``tiny_xl``, ``tiny_svd``, ``tiny_controlnet``, ...)."""
+    """A built-in tiny model (``tiny``, ``tiny_xl``, ``tiny_svd``, ``tiny_flux``, ``tiny_sd3``, ...)."""
     synthetic: bool = False
     """Build the full architecture with seeded random weights (benchmarks without downloads)."""
     arch: Optional[str] = None
-    """Embedded architecture used when ``synthetic`` is true (``sd15``, ``sd21``, ``sdxl``, ``svd``)."""
+    """Embedded architecture used when ``synthetic`` is true (``sdxl``, ``flux_dev``, ``sd35_large``, ...: ``models/arch/``)."""
     unet: Optional[str] = None
     """Hub id or folder of a replacement UNet (LCM-SDXL)."""
     controlnet: Optional[str] = None
@@ -183,7 +184,7 @@ class SweepConfig:
     """Write ``summary.csv``, ``summary.md`` and ``summary.png`` in the sweep folder at the end."""
 
 
-DEFAULT_STAGES = ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "warmup", "save-graph"]
+DEFAULT_STAGES = ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "stepcache", "warmup", "save-graph"]
 
 
 @dataclass
@@ -193,6 +194,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     deepcache: DeepCacheConfig = field(default_factory=DeepCacheConfig)
+    stepcache: StepCacheConfig = field(default_factory=StepCacheConfig)
+    """diffusers' step caches on a transformer (``onediffx.step_cache``); ``stepcache=off`` by default."""
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     """fp8/int8 quantization of the UNet's linear layers (``onediffx.quantize``); ``quantize=off`` by default."""
     face: FaceConfig = field(default_factory=FaceConfig)

@@ -38,13 +38,18 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def pipeline_unet(pipe: Any) -> nn.Module:
     """The pipeline's UNet, or a ``ConfigError`` of one line when DeepCache cannot apply to it."""
+    from ..denoiser import denoiser_name
+
     name = type(pipe).__name__
     denoiser = getattr(pipe, "unet", None)
-    if denoiser is None:
-        other = getattr(pipe, "transformer", None)
-        what = f"its denoiser is {type(unwrap(other)).__name__}" if other is not None else "it has no UNet"
+    if denoiser_name(pipe) == "transformer":
         raise ConfigError(
-            f"deepcache: {name} is not supported ({what}); DeepCache needs a UNet pipeline "
+            f"deepcache: works on UNets; {name}'s denoiser is {type(unwrap(pipe.transformer)).__name__}: "
+            "for transformers use stepcache=fbc|taylorseer|magcache, with deepcache=off"
+        )
+    if denoiser is None:
+        raise ConfigError(
+            f"deepcache: {name} is not supported (it has no UNet); DeepCache needs a UNet pipeline "
             f"({' or '.join(SUPPORTED_UNETS)}: SD 1.5/2.1, SDXL, ControlNet, SVD); run with deepcache=off"
         )
     unet = unwrap(denoiser)

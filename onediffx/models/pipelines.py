@@ -17,6 +17,8 @@ PIPELINES: dict[str, type] = {
         "StableDiffusionControlNetPipeline",
         "StableDiffusionXLControlNetPipeline",
         "LatentConsistencyModelPipeline",
+        "FluxPipeline",
+        "StableDiffusion3Pipeline",
     )
 }
 
@@ -27,6 +29,7 @@ SCHEDULERS: dict[str, type] = {
         "DPMSolverMultistepScheduler",
         "EulerAncestralDiscreteScheduler",
         "EulerDiscreteScheduler",
+        "FlowMatchEulerDiscreteScheduler",
         "LCMScheduler",
         "PNDMScheduler",
         "UniPCMultistepScheduler",

@@ -2,8 +2,8 @@
 
 Benchmarks need the real model sizes, but the machines that run them often cannot download
 weights, and speed does not depend on what the weights are. ``arch/<name>.json`` holds the
-published component configs of each model (UNet, VAE, text or image encoders, scheduler, pipeline
-class); ``build_synthetic`` instantiates them directly on the target device, so even SDXL's UNet is
+published component configs of each model (UNet or transformer, VAE, text or image encoders
+including FLUX's and SD3's T5-XXL, scheduler, pipeline class); ``build_synthetic`` instantiates them directly on the target device, so even SDXL's UNet is
 initialised in seconds on a GPU rather than on the CPU. Classes come from the fixed allow-list
 below, never from an import path in a file.
 """
@@ -24,7 +24,10 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNetSpatioTemporalConditionModel,
 )
@@ -36,11 +39,13 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionModelWithProjection,
     PreTrainedModel,
+    T5EncoderModel,
+    T5TokenizerFast,
 )
 
 from ..errors import ConfigError
 from .pipelines import PIPELINES  # the same allow-list model.pipeline is checked against
-from .tokenizer import offline_clip_tokenizer
+from .tokenizer import offline_clip_tokenizer, offline_t5_tokenizer
 
 ARCH_DIR = Path(__file__).with_name("arch")
 
@@ -52,9 +57,11 @@ COMPONENTS: dict[str, type] = {
             UNet2DConditionModel, UNetSpatioTemporalConditionModel, AutoencoderKL, AutoencoderKLTemporalDecoder,
             CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection, CLIPTokenizer,
             DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+            FluxTransformer2DModel, SD3Transformer2DModel, T5EncoderModel, FlowMatchEulerDiscreteScheduler,
         )
     },
     "CLIPImageProcessor": CLIPImageProcessor,  # named apart: without torchvision it is CLIPImageProcessorPil
+    "T5TokenizerFast": T5TokenizerFast,  # named apart: transformers 5 calls the class T5Tokenizer
 }
 
 
@@ -94,6 +101,8 @@ def _build(entry: dict[str, Any], device: torch.device | str, dtype: torch.dtype
         return module.to(device).eval()
     if cls is CLIPTokenizer:
         return offline_clip_tokenizer(**config)
+    if cls is T5TokenizerFast:
+        return offline_t5_tokenizer(**config)
     return cls.from_config(config) if issubclass(cls, ConfigMixin) else cls(**config)
 
 

@@ -1,7 +1,8 @@
 """Small built-in pipelines with the real diffusers classes and seeded weights.
 
 They keep every code path of the full models (cross-attention, SDXL's added time ids, SVD's
-temporal layers, ControlNet residuals) at a size that runs in a second on a CPU, so the default
+temporal layers, ControlNet residuals; FLUX's and SD3's joint attention, rotary or patch position
+embeddings, T5 prompts and 16-channel latents) at a size that runs in a second on a CPU, so the default
 run and the test-suite need no download. Each builder seeds its own generator: the same name
 always gives the same weights, in any process.
 """
@@ -17,6 +18,11 @@ from diffusers import (
     ControlNetModel,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -32,9 +38,11 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    T5Config,
+    T5EncoderModel,
 )
 
-from .tokenizer import offline_clip_tokenizer
+from .tokenizer import offline_clip_tokenizer, offline_t5_tokenizer
 
 SEED = 0
 TEXT_DIM = 32
@@ -158,6 +166,64 @@ def tiny_svd() -> StableVideoDiffusionPipeline:
     )
 
 
+def _latent16_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """FLUX's and SD3's VAE layout: 16 latent channels, no quant convolutions, a shift factor."""
+    return AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    )
+
+
+def _t5(d_model: int) -> T5EncoderModel:
+    """T5's encoder; in eval mode, as ``from_pretrained`` leaves it (its dropout would make prompts random)."""
+    return T5EncoderModel(T5Config(
+        vocab_size=256, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+    )).eval()
+
+
+def tiny_flux() -> FluxPipeline:
+    """FLUX.1-dev's layout: CLIP pooled + T5 prompts, double- and single-stream blocks, guidance embedding."""
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    vae = _latent16_vae(scaling_factor=0.3611, shift_factor=0.1159)
+    text_encoder, text_encoder_2 = CLIPTextModel(_text_config()), _t5(TEXT_DIM)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=offline_clip_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=offline_t5_tokenizer(), transformer=transformer,
+    )
+
+
+def tiny_sd3() -> StableDiffusion3Pipeline:
+    """SD3.5's layout: two CLIP encoders and T5, joint blocks with q/k RMS norm, one dual-attention block."""
+    torch.manual_seed(SEED)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=2 * TEXT_DIM, caption_projection_dim=TEXT_DIM, pooled_projection_dim=2 * TEXT_DIM,
+        out_channels=16, pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    vae = _latent16_vae(scaling_factor=1.5305, shift_factor=0.0609)
+    text_encoder = CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_DIM))
+    text_encoder_3 = _t5(2 * TEXT_DIM)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=offline_clip_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=offline_clip_tokenizer(pad_token="!"), text_encoder_3=text_encoder_3,
+        tokenizer_3=offline_t5_tokenizer(),
+    )
+
+
 BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny": tiny_sd,
     "tiny_xl": tiny_sdxl,
@@ -165,6 +231,8 @@ BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny_controlnet_xl": tiny_controlnet_xl,
     "tiny_instantid": tiny_instantid,
     "tiny_svd": tiny_svd,
+    "tiny_flux": tiny_flux,
+    "tiny_sd3": tiny_sd3,
 }
 
 

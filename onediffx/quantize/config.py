@@ -40,9 +40,12 @@ class KeepOriginals(str, Enum):
     none = "none"
 
 
-DEFAULT_EXCLUDE = ["*time_embedding*", "*time_embed.*", "*add_embedding*", "*conv_in", "*conv_out", "*norm*"]
+DEFAULT_EXCLUDE = ["*time_embedding*", "*time_embed.*", "*add_embedding*", "*conv_in", "*conv_out", "*norm*",
+                   "*time_text_embed*", "transformer.x_embedder", "transformer.context_embedder", "transformer.proj_out"]
 """Layers known to be sensitive or too small to gain: the timestep and added-condition embeddings,
-the first and last convolutions, and anything inside a norm (AdaLayerNorm's modulation linears).
+the first and last convolutions, and anything inside a norm (AdaLayerNorm's modulation linears);
+in FLUX and SD3, the timestep/guidance/pooled-text embedding and the transformer's first and last
+projections (the equivalents of a UNet's ``conv_in`` and ``conv_out``).
 Patterns are ``fnmatch`` patterns on ``<component>.<module path>`` (``unet.time_embedding.linear_1``);
 ``quantize.exclude`` adds more."""
 
@@ -83,8 +86,9 @@ class QuantizeConfig:
     """The ``quantize`` config group and ``quantize_pipe``'s options."""
 
     mode: QuantizeMode = QuantizeMode.off
-    components: List[str] = field(default_factory=lambda: ["unet"])
-    """Pipeline attributes to quantize: ``unet`` (default), ``transformer``, ``controlnet``, ``vae.decoder``."""
+    components: List[str] = field(default_factory=lambda: ["denoiser"])
+    """Pipeline attributes to quantize: ``denoiser`` (default: the UNet, or FLUX's and SD3's transformer),
+    ``unet``, ``transformer``, ``controlnet``, ``vae.decoder``."""
     exclude: List[str] = field(default_factory=list)
     """More ``fnmatch`` patterns of layers to leave in high precision, added to ``DEFAULT_EXCLUDE``
     (e.g. ``["unet.down_blocks.0.*", "*.attn2.to_out.0"]``)."""
@@ -123,7 +127,7 @@ class QuantizeConfig:
         """Checks types cannot express; ``prefix`` names the keys as the user wrote them."""
         if self.min_features < 1:
             raise ConfigError(f"{prefix}min_features={self.min_features} must be >= 1")
-        allowed = ("unet", "transformer", "controlnet", "vae.decoder", "vae")
+        allowed = ("denoiser", "unet", "transformer", "controlnet", "vae.decoder", "vae")
         for name in self.components:
             if name not in allowed:
                 raise ConfigError(f"{prefix}components: {name!r} is not one of {', '.join(allowed)}")

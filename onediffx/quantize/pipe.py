@@ -126,6 +126,14 @@ def options_of(mode: Any = None, options: Optional[QuantizeConfig] = None, **ove
     return config
 
 
+def component_paths(pipe: Any, components: list[str]) -> list[str]:
+    """``components`` with ``denoiser`` named as what ``pipe`` holds (``unet`` or ``transformer``), once each."""
+    from ..denoiser import denoiser_name
+
+    named = [denoiser_name(pipe) if path == "denoiser" else path for path in components]
+    return list(dict.fromkeys(path for path in named if path))
+
+
 def find_module(pipe: Any, path: str) -> Optional[nn.Module]:
     obj = pipe
     for part in path.split("."):
@@ -225,7 +233,7 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
     if lora is not None and (lora.fused or lora.adapters):  # loaded ones point at the weights quantizing replaces
         raise ConfigError("quantize_pipe: LoRAs are loaded into this pipeline; quantize first, then load them, or "
                           "delete_adapters() first (fusing into quantized weights works from their high-precision originals)")
-    found = {path: m for path in config.components if (m := find_module(pipe, path)) is not None}
+    found = {path: m for path in component_paths(pipe, config.components) if (m := find_module(pipe, path)) is not None}
     if not found:
         raise ConfigError(f"quantize.components: none of {', '.join(config.components)} is in this "
                           f"{type(pipe).__name__}")

@@ -74,7 +74,9 @@ class _Quality:
         from ..quantize.quality import capture_first_call
 
         self.settings = Settings.from_config(asm.cfg, seeds=[asm.cfg.seed])
-        self.unet = getattr(asm.pipe, "unet", None) or getattr(asm.pipe, "transformer", None)
+        from ..denoiser import denoiser
+
+        self.unet = denoiser(asm.pipe)
         if self.unet is None:
             self.reference = generate(asm, self.settings)
             self.captured = None
