@@ -159,3 +159,27 @@ def test_min_sqnr_leaves_the_noisiest_layers_in_high_precision_on_every_start(ca
         assert len(noisy) == 4 and noisy.isdisjoint(state.layers) and set(state.layers) == set(sqnr) - noisy
         assert all(state.skipped[n].startswith("SQNR ") for n in noisy)
     assert quantize_state(fresh).cache_key("unet") == quantize_state(restarted).cache_key("unet")
+
+
+def test_min_speedup_times_each_layer_once_per_card_and_keeps_16_bits_where_8_are_not_faster(tmp_path):
+    """``calibrate.min_speedup``: each chosen layer is timed in both forms at its calibration input
+    shape and saved with the ranges for this card; a restart reuses the figures (no new timing: the
+    same values to the bit) and leaves exactly the layers under the floor in high precision."""
+    first = build_tiny("tiny_xl")
+    quantize_pipe(first, mode="int8", calibrate=CalibrateConfig(prompts=2, steps=2, min_speedup=1e-6),
+                  calibration=tmp_path)
+    timed = quantize_state(first).speedup
+    assert timed and set(timed) == set(quantize_state(first).layers)  # 1e-6 keeps every layer
+    saved = cal.load(tmp_path, quantize_state(first).calibration)
+    assert saved.speedup_device and saved.shapes[FF][-1] == first.unet.get_submodule(FF[len("unet."):]).in_features and saved.speedup == pytest.approx(timed, rel=1e-6)
+    floor = sorted(timed.values())[len(timed) // 2]
+    restarted = build_tiny("tiny_xl")
+    quantize_pipe(restarted, mode="int8", calibrate=CalibrateConfig(prompts=2, steps=2, min_speedup=floor),
+                  calibration=tmp_path)
+    state = quantize_state(restarted)
+    assert state.speedup == pytest.approx(timed, rel=1e-6)  # loaded, not timed again
+    slow = {n for n, v in timed.items() if v < floor}
+    assert slow and set(state.layers) == set(timed) - slow
+    assert all("below calibrate.min_speedup" in state.skipped[n] for n in slow)
+    facts = state.facts()
+    assert facts["speedup_min"] == pytest.approx(min(timed.values()), abs=1e-3) and len(facts["layer_speedup"]) == len(timed)

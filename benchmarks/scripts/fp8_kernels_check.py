@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import capture, replay_ms
+from onediffx.graph_timing import capture, replay_ms
 
 DEV = "cuda"
 FP8 = torch.float8_e4m3fn

@@ -23,7 +23,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import capture, replay_ms
+from onediffx.graph_timing import capture, replay_ms
 
 FP8 = torch.float8_e4m3fn
 MAX = torch.finfo(FP8).max

@@ -60,6 +60,11 @@ class Ranges:
     (filled after quantizing, saved with the ranges): what a user with real weights checks first."""
     samples: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     """A few rows of each layer's first calibration input, kept in memory only (for ``sqnr_db``)."""
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Each layer's first calibration input shape: where ``gain`` times its 16-bit and 8-bit forms."""
+    speedup: Mapping[str, float] = field(default_factory=dict)
+    """Each layer's 16-bit time over its 8-bit time at that shape, on ``speedup_device`` (saved)."""
+    speedup_device: str = ""
 
     def scale(self, name: str, dtype_max: float) -> float:
         """The static scale that maps this layer's range onto the 8-bit type's (amax -> ``dtype_max``)."""
@@ -91,15 +96,16 @@ def calibration_key(modules: Mapping[str, nn.Module], mode: str, prompts: int, s
 
 
 @contextmanager
-def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int],
+def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str, torch.Tensor],
+                                                                        dict[str, tuple[int, ...]],
                                                                         dict[str, torch.Tensor]]]:
-    """While open, each module's input absolute maximum (float32, on its device), rank and a few rows
-    of its first input are kept.
+    """While open, each module's input absolute maximum (float32, on its device), the shape and a few
+    rows of its first input are kept.
 
     The running maxima stay on the device (no synchronisation per layer call) until read.
     """
     seen: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     rows: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -107,8 +113,8 @@ def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str,
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             amax = args[0].detach().abs().amax().float()
             seen[name] = amax if name not in seen else torch.maximum(seen[name], amax)
-            ranks[name] = args[0].dim()
             if name not in rows:
+                shapes[name] = tuple(args[0].shape)
                 rows[name] = sample_rows(args[0].detach())
 
         return hook
@@ -116,7 +122,7 @@ def observe_inputs(modules: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str,
     try:
         for name, module in modules.items():
             handles.append(module.register_forward_pre_hook(hook_for(name)))
-        yield seen, ranks, rows
+        yield seen, shapes, rows
     finally:
         for handle in handles:
             handle.remove()
@@ -150,14 +156,15 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 def record_ranges(modules: Mapping[str, nn.Module], run: Callable[[], None], key: str) -> Ranges:
     """Run ``run`` (the calibration calls) with observers on ``modules``; every module must have seen input."""
-    with torch.no_grad(), observe_inputs(modules) as (seen, ranks, rows):
+    with torch.no_grad(), observe_inputs(modules) as (seen, shapes, rows):
         run()
     missing = sorted(set(modules) - set(seen))
     if missing:
         raise RuntimeError(f"calibration: {len(missing)} layers saw no input (first: {missing[0]}); "
                            "they cannot get a static scale")
-    return Ranges({name: float(value) for name, value in sorted(seen.items())}, dict(sorted(ranks.items())), key,
-                  samples=rows)
+    return Ranges({name: float(value) for name, value in sorted(seen.items())},
+                  {name: len(shape) for name, shape in sorted(shapes.items())}, key, samples=rows,
+                  shapes=dict(sorted(shapes.items())))
 
 
 def calibration_calls(pipe: Any, prompts: int, steps: int, height: int, width: int, seed: int = 0) -> Callable[[], None]:
@@ -195,8 +202,11 @@ def save(ranges: Ranges, folder: Path) -> Path:
     names = list(ranges.amax)
     tensors = {"amax": torch.tensor([ranges.amax[n] for n in names], dtype=torch.float32),
                "ndim": torch.tensor([ranges.ndim[n] for n in names], dtype=torch.int32),
-               "sqnr_db": torch.tensor([ranges.sqnr_db.get(n, float("nan")) for n in names], dtype=torch.float32)}
-    metadata = {"format": str(FORMAT), "key": ranges.key, "layers": json.dumps(names)}
+               "sqnr_db": torch.tensor([ranges.sqnr_db.get(n, float("nan")) for n in names], dtype=torch.float32),
+               "speedup": torch.tensor([ranges.speedup.get(n, float("nan")) for n in names], dtype=torch.float32),
+               "shape": torch.tensor([_padded(ranges.shapes.get(n, ())) for n in names], dtype=torch.int64).reshape(-1, MAX_RANK)}
+    metadata = {"format": str(FORMAT), "key": ranges.key, "layers": json.dumps(names),
+                "speedup_device": ranges.speedup_device}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration-", suffix=".tmp")
     os.close(fd)
     try:
@@ -208,6 +218,14 @@ def save(ranges: Ranges, folder: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+MAX_RANK = 4
+"""Input shapes are saved padded to this rank (linear inputs have 2 or 3 dimensions, convolutions 4)."""
+
+
+def _padded(shape: tuple[int, ...]) -> list[int]:
+    return (list(shape) + [0] * MAX_RANK)[:MAX_RANK]
 
 
 def load(folder: Path, key: str) -> Optional[Ranges]:
@@ -222,15 +240,21 @@ def load(folder: Path, key: str) -> Optional[Ranges]:
             metadata = f.metadata() or {}
             amax, ndim = f.get_tensor("amax"), f.get_tensor("ndim")
             sqnr = f.get_tensor("sqnr_db") if "sqnr_db" in f.keys() else torch.full_like(amax, float("nan"))
+            speedup = f.get_tensor("speedup") if "speedup" in f.keys() else torch.full_like(amax, float("nan"))
+            shape = f.get_tensor("shape") if "shape" in f.keys() else torch.zeros(len(amax), MAX_RANK, dtype=torch.int64)
         names = parse_json(metadata.get("layers", "[]"), f"{path} layers", list, max_bytes=MAX_LAYERS_BYTES)
     except Exception:  # unreadable or foreign: calibrate again rather than trust it
         return None
     if metadata.get("key") != key or metadata.get("format") != str(FORMAT) or not isinstance(names, list) \
-            or amax.shape != (len(names),) or ndim.shape != (len(names),) or not torch.isfinite(amax).all():
+            or amax.shape != (len(names),) or ndim.shape != (len(names),) or not torch.isfinite(amax).all() \
+            or speedup.shape != (len(names),) or shape.shape != (len(names), MAX_RANK):
         return None
     return Ranges({str(n): float(v) for n, v in zip(names, amax.tolist())},
                   {str(n): int(d) for n, d in zip(names, ndim.tolist())}, key,
-                  {str(n): float(v) for n, v in zip(names, sqnr.tolist()) if v == v})
+                  {str(n): float(v) for n, v in zip(names, sqnr.tolist()) if v == v},
+                  shapes={str(n): tuple(d for d in dims if d > 0) for n, dims in zip(names, shape.tolist()) if dims[0] > 0},
+                  speedup={str(n): float(v) for n, v in zip(names, speedup.tolist()) if v == v},
+                  speedup_device=str(metadata.get("speedup_device", "")))
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
@@ -266,7 +290,8 @@ def calibrated_ranges(pipe: Any, layers: Mapping[str, nn.Module], config: Any, c
     key = calibration_key(layers, mode, config.calibrate.prompts, config.calibrate.steps, height, width)
     folder = Path(calibration) if calibration is not None else None
     found = load(folder, key) if folder is not None else None
-    if found is not None and set(layers) <= set(found.amax):
+    timed = config.calibrate.min_speedup > 0  # timing needs each layer's input shape (older files lack them)
+    if found is not None and set(layers) <= set(found.amax) and (not timed or set(layers) <= set(found.shapes)):
         return found
     _text_to_image(pipe)
     ranges = record_ranges(layers, calibration_calls(pipe, config.calibrate.prompts, config.calibrate.steps,

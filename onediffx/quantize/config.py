@@ -66,6 +66,12 @@ class CalibrateConfig:
     """Leave in high precision every layer whose SQNR on its calibration rows is below this (dB);
     0 quantizes every chosen layer. Each layer's SQNR is in metrics.json (``layer_sqnr_db``)."""
 
+    min_speedup: float = 0.0
+    """Leave in high precision every layer whose 8-bit form is not at least this many times faster
+    than its 16-bit form on this card (e.g. 1.05), timed at the input shape it saw during calibration
+    (``onediffx.quantize.gain``) and saved with the ranges per card; 0 quantizes every chosen layer.
+    Each timed layer's figure is in metrics.json (``layer_speedup``)."""
+
     def validate(self, prefix: str) -> None:
         from .calibrate import PROMPTS
 
@@ -73,6 +79,8 @@ class CalibrateConfig:
             raise ConfigError(f"{prefix}prompts={self.prompts} must be between 0 (no calibration) and {len(PROMPTS)}")
         if self.steps < 1:
             raise ConfigError(f"{prefix}steps={self.steps} must be >= 1")
+        if not 0 <= self.min_speedup < 10:
+            raise ConfigError(f"{prefix}min_speedup={self.min_speedup} must be from 0 (keep all) to below 10")
         if not 0 <= self.min_sqnr_db < 200:
             raise ConfigError(f"{prefix}min_sqnr_db={self.min_sqnr_db} must be from 0 (keep all) to below 200 dB")
 

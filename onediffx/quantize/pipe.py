@@ -16,11 +16,12 @@ import logging
 import time
 from dataclasses import dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from ..device import device_name
 from ..errors import ConfigError, NotAvailableError
 from ..fused_qkv import fuse_qkv, projections, share_rows
 from ..quantized_weights import QuantizedWeight, register
@@ -28,6 +29,7 @@ from ..state import LORA, QUANTIZE
 from .calibrate import calibrated_ranges, keep, measure_sqnr
 from .conv8 import FP8, QMAX, Conv8, Conv8Config, is_spatial_conv, kernels_available
 from .config import KeepOriginals, QuantizeConfig, QuantizeMode
+from .gain import measure_speedups
 from .modes import DTYPE_MAX, check_supported, needed_dtype, static_config, torchao_config
 from .select import PointwiseConv, Selection, is_pointwise_conv, select
 
@@ -50,6 +52,8 @@ class QuantizeState:
     calibration: Optional[str] = None
     """Key of the calibrated ranges behind static activation scales (``None``: dynamic scales)."""
     sqnr_db: dict[str, float] = field(default_factory=dict)
+    speedup: dict[str, float] = field(default_factory=dict)
+    """Each timed layer's 16-bit over 8-bit time on this card (``calibrate.min_speedup``)."""
     """Each quantized layer's SQNR on rows of its calibration input (calibrated modes)."""
     seconds: float = 0.0
     bytes_before: int = 0
@@ -69,7 +73,7 @@ class QuantizeState:
             "weight_mib_before": round(self.bytes_before / 2**20, 1), "weight_mib_after": round(self.bytes_after / 2**20, 1),
             "conv_1x1": self.config.conv_1x1, "keep_originals": KeepOriginals(self.config.keep_originals).value,
             "quantize_seconds": round(self.seconds, 3), "calibration": self.calibration,
-            **_sqnr_facts(self.sqnr_db),
+            **_ranked(self.sqnr_db, "sqnr_db", 2), **_ranked(self.speedup, "speedup", 3),
         }
 
     def cache_key(self, component: str) -> Optional[dict[str, Any]]:
@@ -92,13 +96,14 @@ class QuantizeState:
         return hashlib.sha256(repr(self.records[0].config).encode()).hexdigest()[:16] if self.records else None
 
 
-def _sqnr_facts(sqnr: dict[str, float]) -> dict[str, Any]:
-    """Per-layer SQNR for metrics.json: the lowest first, so the layers to exclude lead."""
-    if not sqnr:
+def _ranked(values: dict[str, float], key: str, digits: int) -> dict[str, Any]:
+    """Per-layer figures for metrics.json, the lowest first (the layers to look at lead): ``<key>_min``,
+    ``<key>_median`` and ``layer_<key>``."""
+    if not values:
         return {}
-    ordered = sorted(sqnr.items(), key=lambda item: item[1])
-    return {"sqnr_db_min": round(ordered[0][1], 2), "sqnr_db_median": round(ordered[len(ordered) // 2][1], 2),
-            "layer_sqnr_db": {name: round(value, 2) for name, value in ordered}}
+    ordered = sorted(values.items(), key=lambda item: item[1])
+    return {f"{key}_min": round(ordered[0][1], digits), f"{key}_median": round(ordered[len(ordered) // 2][1], digits),
+            f"layer_{key}": {name: round(value, digits) for name, value in ordered}}
 
 
 def quantize_state(pipe: Any) -> Optional[QuantizeState]:
@@ -255,8 +260,11 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
     prepared = {path: _prepare(component, path, config) for path, component in found.items()}
     ranges = _calibrate(pipe, prepared, config, calibration, device) if config.calibrate.enabled else None
     if ranges is not None:
-        state.calibration, state.sqnr_db = ranges.key, dict(ranges.sqnr_db)
-        _drop_below(prepared, ranges.sqnr_db, config.calibrate.min_sqnr_db)
+        state.calibration, state.sqnr_db, state.speedup = ranges.key, dict(ranges.sqnr_db), dict(ranges.speedup)
+        floor_db, floor_x = config.calibrate.min_sqnr_db, config.calibrate.min_speedup
+        _drop_under(prepared, ranges.sqnr_db, floor_db, lambda v: f"SQNR {v:.1f} dB below calibrate.min_sqnr_db={floor_db:g}")
+        _drop_under(prepared, ranges.speedup, floor_x,
+                    lambda v: f"8 bits {v:.2f}x the 16-bit speed here, below calibrate.min_speedup={floor_x:g}")
     for path, component in found.items():
         chosen, by_name = prepared[path]
         configs = {name: torchao if ranges is None else _static(config, ranges, name, device) for name in chosen.chosen}
@@ -287,6 +295,23 @@ def _calibrate(pipe: Any, prepared: dict[str, tuple[Selection, dict[str, nn.Modu
         measured = ranges
         ranges = measure_sqnr(measured, layers, lambda name, module: _quantized_copy(config, measured, name, module, device))
         keep(ranges, calibration)
+    if config.calibrate.min_speedup > 0:
+        ranges = _timed(ranges, layers, config, calibration, device)
+    return ranges
+
+
+def _timed(ranges: Any, layers: dict[str, nn.Module], config: QuantizeConfig, calibration: Any,
+           device: torch.device) -> Any:
+    """The ranges with each layer's measured speed-up on this card: saved ones when they are this
+    card's, else measured now and saved (a restart then quantizes the same layers)."""
+    card = device_name(device)
+    wanted = {name for name in layers if name in ranges.shapes}
+    if ranges.speedup_device == card and wanted <= set(ranges.speedup):
+        return ranges
+    speedup = measure_speedups(layers, ranges.shapes,
+                               lambda name, module: _quantized_copy(config, ranges, name, module, device))
+    ranges = replace(ranges, speedup=speedup, speedup_device=card)
+    keep(ranges, calibration)
     return ranges
 
 
@@ -327,15 +352,16 @@ def _swap_convs(component: nn.Module, path: str, chosen: Selection, ranges: Any,
         state.layers.append(name)
 
 
-def _drop_below(prepared: dict[str, tuple[Selection, dict[str, nn.Module]]], sqnr: dict[str, float],
-                floor_db: float) -> None:
-    """Leave layers whose SQNR is below ``floor_db`` in high precision (``quantize.calibrate.min_sqnr_db``)."""
-    if floor_db <= 0:
+def _drop_under(prepared: dict[str, tuple[Selection, dict[str, nn.Module]]], values: dict[str, float],
+                floor: float, reason: Callable[[float], str]) -> None:
+    """Leave in high precision every chosen layer whose figure is under ``floor`` (0: keep all),
+    saying why with ``reason(figure)``."""
+    if floor <= 0:
         return
     for chosen, _ in prepared.values():
         for name in chosen.chosen + chosen.convs:
-            if sqnr.get(name, float("inf")) < floor_db:
-                chosen.drop({name}, f"SQNR {sqnr[name]:.1f} dB below calibrate.min_sqnr_db={floor_db:g}")
+            if values.get(name, float("inf")) < floor:
+                chosen.drop({name}, reason(values[name]))
 
 
 def _prepare(component: nn.Module, path: str, config: QuantizeConfig) -> tuple[Selection, dict[str, nn.Module]]:

@@ -1,7 +1,7 @@
 """Timing GPU work as a compiled pipeline runs it: replayed from a CUDA graph, not launched from Python.
 
-The kernels these scripts compare take microseconds; timed from Python launches they would measure
-the host. ``capture`` warms ``fn`` on a side stream (allocator and library workspaces settle) and
+The kernels the benchmark scripts and ``quantize.calibrate.min_speedup`` compare take microseconds;
+timed from Python launches they would measure the host. ``capture`` warms ``fn`` on a side stream (allocator and library workspaces settle) and
 records ``per_graph`` calls into one graph; ``replay_ms`` times replays of it, per call.
 """
 
@@ -13,6 +13,7 @@ import torch
 
 
 def capture(fn: Callable[[], object], per_graph: int) -> torch.cuda.CUDAGraph:
+    """``per_graph`` calls of ``fn`` in one CUDA graph, after warming it on a side stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
