@@ -170,3 +170,19 @@ def test_gpu_watch_counts_the_benchs_own_child_processes_as_its_own():
     assert {child.pid, __import__("os").getpid()} <= mine
     assert [card_slug(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "cpu (x86_64, 2 threads)", "Tesla T4")] == \
         ["h100", "h200", "cpu", "t4"]
+
+
+def test_the_bench_measures_a_transformer_pipeline_as_it_measures_a_unet(tmp_path):
+    """FLUX (tiny, eager): the steady and quantize scenarios time and quantize the transformer, the
+    denoiser the pipeline has, with the same rows as for a UNet."""
+    proc = run_cli("bench", "model=tiny_flux", "model.synthetic=false", "compile=none",
+                   "bench.scenarios=[steady,quantize]", "bench.peer_compile=false", "bench.recipe_peer=false",
+                   "bench.quantize_modes=[int8]", "steps=2", "bench.repeat=1", "bench.unet_iters=1",
+                   "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [r["method"] for r in rows if r["scenario"] == "quantize"] == \
+        ["diffusers eager", "onediffx quantize=off compile=none", "onediffx quantize=int8 compile=none"]
+    assert all(r["unet_step_ms"] > 0 for r in rows)
+    int8 = rows[-1]
+    assert int8["quantized_layers"] > 0 and int8["psnr_vs_unquantized_db"] > 30

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..assembly import Assembly
 from ..compile import compile_pipe, compile_state, load_pipe, save_pipe
+from ..denoiser import denoiser
 from ..generate import Settings, generate
 from ..quantize import QuantizeConfig, quantize_pipe, quantize_state
 from ..quantize.calibrate import folder_beside
@@ -55,7 +56,7 @@ def _lora_switching(pipe: Any, files: list[Path], device: torch.device) -> dict[
     from ..lora import delete_adapters, load_lora_and_optionally_fuse, set_and_fuse_adapters, unfuse_lora
     from ..quantized_weights import inner_tensors
 
-    before = {n: [t.clone() for t in (inner_tensors(p) or [p])] for n, p in pipe.unet.named_parameters()}
+    before = {n: [t.clone() for t in (inner_tensors(p) or [p])] for n, p in denoiser(pipe).named_parameters()}
     names = [f"q{i}" for i in range(len(files))]
     for name, path in zip(names, files):
         load_lora_and_optionally_fuse(pipe, str(path), name, fuse=False, offload_device="cuda")
@@ -65,7 +66,7 @@ def _lora_switching(pipe: Any, files: list[Path], device: torch.device) -> dict[
         times.append(s)
     unfuse_lora(pipe)
     exact = all(all(torch.equal(a, b) for a, b in zip(inner_tensors(p) or [p], before[n]))
-                for n, p in pipe.unet.named_parameters())
+                for n, p in denoiser(pipe).named_parameters())
     delete_adapters(pipe)
     return {"lora_switch_ms": round(statistics.median(times[1:]) * 1000, 1), "lora_unfuse_exact": exact}
 
@@ -122,7 +123,7 @@ def compiled_so_far(pipe: Any) -> tuple[int, float]:
 def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig, reference: np.ndarray,
                   captured: Captured, floor_s: float, loras: list[Path]) -> dict[str, Any]:
     quantize, facts = quantize_for_bench(asm, mode, cfg, settings)
-    error = output_error(asm.pipe.unet, captured)
+    error = output_error(denoiser(asm.pipe), captured)
     cached, hit = compile_for_bench(asm, cfg)
     first_s, _ = timed(lambda: generate(asm, settings), asm.device)
     if cached and not hit:
@@ -164,10 +165,10 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
     device = asm.device
     chosen = OmegaConf.select(cfg, "bench.quantize_modes")  # [] is a choice: no quantized rows
     modes = [m for m in (["fp8", "int8"] if chosen is None else chosen) if m != "off"]
-    probe = UNetProbe(asm.pipe.unet)
-    with capture_first_call(asm.pipe.unet) as captured:
+    probe = UNetProbe(denoiser(asm.pipe))
+    with capture_first_call(denoiser(asm.pipe)) as captured:
         first_s, _ = timed(lambda: generate(asm, settings), device)
-    flops = probe.flops(asm.pipe.unet)
+    flops = probe.flops(denoiser(asm.pipe))
     peak = matmul_peak_tflops(device, asm.dtype if device.type == "cuda" else torch.float32)
     floor_s = flops / (peak * 1e12)
     rows = [_row("diffusers eager", asm, settings, cfg, first_s, None, floor_s)]

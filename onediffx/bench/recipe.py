@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..assembly import Assembly
+from ..denoiser import denoiser_name
 from ..generate import Settings, generate
 from .measure import timed
 
@@ -41,17 +42,23 @@ def _inductor_config(values: dict[str, Any]) -> Iterator[None]:
 
 @contextmanager
 def recipe_compiled(pipe: Any, mode: str = "reduce-overhead") -> Iterator[Any]:
-    """diffusers' documented recipe applied in place on ``pipe``: channels-last UNet and VAE, fused
-    q/k/v, ``torch.compile(unet, mode=mode, fullgraph=True)`` and a compiled ``vae.decode``.
+    """diffusers' documented recipe applied in place on ``pipe``: channels-last denoiser (UNet or
+    transformer) and VAE, fused q/k/v, ``torch.compile(denoiser, mode=mode, fullgraph=True)`` and a
+    compiled ``vae.decode``.
 
     Compiling is lazy (each new shape compiles at its first call), so the guide's Inductor flags stay
     set for as long as the recipe's pipeline is called, not only while ``torch.compile`` is wrapped.
     """
+    name = denoiser_name(pipe)
+    model = getattr(pipe, name)
     with _inductor_config(RECIPE_INDUCTOR):
-        pipe.fuse_qkv_projections()
-        pipe.unet.to(memory_format=torch.channels_last)
+        # SDXL's guide fuses through the pipeline (UNet and VAE); FLUX's fuses the transformer's own
+        fuse = getattr(pipe, "fuse_qkv_projections", None) or getattr(model, "fuse_qkv_projections", None)
+        if fuse is not None:
+            fuse()
+        model.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        setattr(pipe, name, torch.compile(model, mode=mode, fullgraph=True))
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
         yield pipe
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..assembly import Assembly
 from ..compile import compile_options, compile_pipe
+from ..denoiser import denoiser, denoiser_name
 from ..device import allocated_gib, empty_cache
 from ..generate import Settings, generate
 from .measure import UNetProbe, matmul_peak_tflops, median_call, psnr, timed
@@ -33,9 +34,9 @@ def _row(name: str, asm: Assembly, settings: Settings, cfg: DictConfig, first_s:
     resident = allocated_gib(asm.device)  # weights, graphs and their pools: what the peak adds activations to
     result = median_call(lambda: generate(asm, settings), asm.device, cfg.bench.repeat)
     image = np.asarray(result["output"].images[0], dtype=np.float64)
-    probe = UNetProbe(asm.pipe.unet)
+    probe = UNetProbe(denoiser(asm.pipe))
     generate(asm, replace(settings, steps=1))
-    step = probe.step_seconds(asm.pipe.unet, asm.device, cfg.bench.unet_iters)
+    step = probe.step_seconds(denoiser(asm.pipe), asm.device, cfg.bench.unet_iters)
     return {
         "scenario": "steady", "method": name, "e2e_s": round(result["seconds"], 4),
         "it_per_s": round(settings.steps / result["seconds"], 2), "first_call_s": round(first_s, 2),
@@ -85,12 +86,13 @@ def _eager_again(asm: Assembly, fresh: Callable[[], Assembly], settings: Setting
 def _peer_row(asm: Assembly, settings: Settings, cfg: DictConfig, reference: np.ndarray,
               floor_s: float) -> dict[str, Any]:
     """Plain ``torch.compile`` of the UNet (channels-last, fullgraph), as its documentation advises."""
-    eager_unet = asm.pipe.unet
-    eager_unet.to(memory_format=torch.channels_last)
-    asm.pipe.unet = torch.compile(eager_unet, fullgraph=True)
+    name = denoiser_name(asm.pipe)
+    eager_model = getattr(asm.pipe, name)
+    eager_model.to(memory_format=torch.channels_last)
+    setattr(asm.pipe, name, torch.compile(eager_model, fullgraph=True))
     first_s, _ = timed(lambda: generate(asm, settings), asm.device)
-    row = _row("torch.compile(unet) channels-last", asm, settings, cfg, first_s, reference, floor_s)
-    asm.pipe.unet = eager_unet
+    row = _row(f"torch.compile({name}) channels-last", asm, settings, cfg, first_s, reference, floor_s)
+    setattr(asm.pipe, name, eager_model)
     torch._dynamo.reset()
     return row
 
@@ -102,9 +104,9 @@ def run_steady(asm: Assembly, cfg: DictConfig, fresh: Optional[Callable[[], Asse
     """
     settings = Settings.from_config(cfg)
     device = asm.device
-    probe = UNetProbe(asm.pipe.unet)
+    probe = UNetProbe(denoiser(asm.pipe))
     first_s, _ = timed(lambda: generate(asm, settings), device)
-    flops = probe.flops(asm.pipe.unet)
+    flops = probe.flops(denoiser(asm.pipe))
     peak = matmul_peak_tflops(device, asm.dtype if device.type == "cuda" else torch.float32)
     floor_s = flops / (peak * 1e12)
     rows = [_row("diffusers eager", asm, settings, cfg, first_s, None, floor_s)]
