@@ -136,3 +136,16 @@ def test_first_block_cache_wraps_regional_graphs(uncached):
     handles = compile_state(pipe).saveable
     assert set(handles) == {"transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"}
     assert all(h.compiles >= 1 for h in handles.values())
+
+
+def test_a_multirun_sweep_over_step_caches_runs_each_flux_job(tmp_path):
+    """Sweeps work on transformers unchanged: one job per step cache, each with its image and metrics."""
+    from conftest import job_dirs, run_cli
+
+    proc = run_cli("run", "-m", "model=tiny_flux", "steps=4", "stepcache=off,fbc", "stepcache.threshold=0.5",
+                   "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = job_dirs(tmp_path / "sweep")
+    assert len(jobs) == 2 and all(list(job.glob("*.png")) for job in jobs)
+    stages = [json.loads((job / "metrics.json").read_text())["stages"] for job in jobs]
+    assert sorted(str(s.get("stepcache", {}).get("kind")) for s in stages) == ["None", "fbc"]
