@@ -26,7 +26,7 @@ LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx
            "onediffx.models", "onediffx.config", "onediffx.device", "onediffx.errors", "onediffx.metrics",
            "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.mixins", "onediffx.lazy_exports",
            "onediffx.plugin_loader", "onediffx.requirements", "onediffx.state", "onediffx.fused_qkv",
-           "onediffx.quantized_weights", "onediffx.cuda_graphs", "onediffx.call_signature", "onediffx.presets",
+           "onediffx.quantized_weights", "onediffx.cuda_graphs", "onediffx.graph_timing", "onediffx.call_signature", "onediffx.presets",
            "onediffx.bounded", "onediffx.denoiser")
 
 

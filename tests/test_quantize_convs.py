@@ -120,9 +120,11 @@ def test_convs_without_calibration_are_refused_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_restart_loads_the_8bit_graphs_and_compiles_nothing(tmp_path):
-    """The op inside Inductor's graph goes through the graph cache: the second process (the real CLI)
-    loads the calibration and the graphs, compiles nothing, and makes the same image."""
-    args = ("run", "model=tiny_xl", "quantize=int8_static", "quantize.convs=true", "quantize.quality=false",
+    """Both 8-bit ops (convolution and attention) inside Inductor's graph go through the graph cache:
+    the second process (the real CLI) loads the calibration and the graphs, compiles nothing, and
+    makes the same image."""
+    args = ("run", "model=tiny_xl", "quantize=int8_static", "quantize.convs=true", "quantize.attention=true",
+            "quantize.quality=false",
             "compile=inductor", "compile.components=[unet]", f"cache.dir={tmp_path / 'cache'}", "steps=2")
     images = []
     for run in ("cold", "warm"):
@@ -133,6 +135,7 @@ def test_a_restart_loads_the_8bit_graphs_and_compiles_nothing(tmp_path):
     assert metrics["stages"]["load-graph"]["hit"] is True
     assert metrics["compile_counters"]["graphs_compiled"] == 0 and metrics["compile_counters"]["dynamo_graphs"] == 0
     assert any(name.endswith("resnets.0.conv1") for name in metrics["stages"]["quantize"]["quantized_layers"])
+    assert metrics["stages"]["quantize"]["attention8"] > 0
     assert np.array_equal(images[0], images[1])
 
 

@@ -10,7 +10,8 @@ SDXL's own shapes (1024², batch 2 under classifier-free guidance), the 16-bit k
 * linear layers: cuBLAS bf16 against ``torch._scaled_mm`` fp8 with a per-tensor (static,
   calibrated) scale and with row-wise scales, and ``torch._int_mm`` int8; plus the cost of
   casting the activation when nothing fuses the cast into its producer;
-* attention: PyTorch SDPA bf16 (cuDNN and flash backends) against cuDNN's fp8 SDPA.
+* attention: PyTorch SDPA bf16 (cuDNN and flash backends) against onediffx's ``sdpa_8bit`` op
+  (cuDNN's fused fp8 attention), the op ``quantize.attention`` puts in the self-attentions.
 
 Each kernel is replayed from a CUDA graph, as the compiled pipeline runs it, so host overhead of
 the Python launchers does not count. Prints one table and writes JSON to the path given.
@@ -57,24 +58,6 @@ def _fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor fp8 and its scale (amax maps to e4m3's 448)."""
     scale = t.abs().amax().float().clamp_min(1e-12) / 448.0
     return (t.float() / scale).to(FP8), scale
-
-
-def _cudnn_handle():
-    import cudnn
-
-    handle = cudnn.create_handle()
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-    return cudnn, handle
-
-
-def _build(cudnn, graph) -> torch.Tensor:
-    """Plan the graph with cuDNN's heuristics (falling back to any engine); its workspace."""
-    graph.validate()
-    graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans()
-    return torch.empty(max(graph.get_workspace_size(), 1), device=DEV, dtype=torch.uint8)
 
 
 def check_convs() -> list[dict]:
@@ -144,31 +127,12 @@ def check_gemms() -> list[dict]:
     return rows
 
 
-def attn_fp8_cudnn(q8, k8, v8, descales, scales, out) -> Callable[[], None]:
-    cudnn, handle = _cudnn_handle()
-    graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
-                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    Q, K, V = graph.tensor_like(q8), graph.tensor_like(k8), graph.tensor_like(v8)
-    dq, dk, dv, ds = (graph.tensor_like(t) for t in descales)
-    ss, so = (graph.tensor_like(t) for t in scales)
-    args = dict(q=Q, k=K, v=V, descale_q=dq, descale_k=dk, descale_v=dv, descale_s=ds, scale_s=ss, scale_o=so,
-                attn_scale=q8.shape[-1] ** -0.5, use_causal_mask=False)
-    try:
-        O, _stats, amax_s, amax_o = graph.sdpa_fp8(**args, generate_stats=False)
-    except TypeError:  # frontends before generate_stats named it is_inference
-        O, _stats, amax_s, amax_o = graph.sdpa_fp8(**args, is_inference=True)
-    O.set_output(True).set_data_type(cudnn.data_type.BFLOAT16 if out.dtype == torch.bfloat16 else cudnn.data_type.FP8_E4M3)
-    amax_s.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
-    amax_o.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
-    workspace = _build(cudnn, graph)
-    amax = [torch.zeros(1, 1, 1, 1, device=DEV) for _ in range(2)]
-    pack = {Q: q8, K: k8, V: v8, dq: descales[0], dk: descales[1], dv: descales[2], ds: descales[3],
-            ss: scales[0], so: scales[1], O: out, amax_s: amax[0], amax_o: amax[1]}
-    return lambda: graph.execute(pack, workspace, handle=handle)
-
-
 def check_attention() -> list[dict]:
+    """PyTorch SDPA bf16 (cuDNN and flash backends) against onediffx's ``sdpa_8bit`` op (cuDNN's fused
+    fp8 attention, what ``quantize.attention`` runs), with its per-tensor Q/K/V casts timed apart."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from onediffx.quantize.attention8 import quantize_per_tensor
 
     rows = []
     for b, h, s, d, count in ATTN:
@@ -181,25 +145,17 @@ def check_attention() -> list[dict]:
                     row[f"bf16_{name}_ms"] = graph_ms(lambda: F.scaled_dot_product_attention(q, k, v))
             except Exception as err:
                 row[f"bf16_{name}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
-        for out_dtype in (torch.bfloat16, FP8):
-            tag = "bf16out" if out_dtype == torch.bfloat16 else "fp8out"
-            try:
-                (q8, sq), (k8, sk), (v8, sv) = _fp8(q), _fp8(k), _fp8(v)
-                one = lambda x: x.reshape(1, 1, 1, 1).contiguous()  # noqa: E731
-                p_scale = torch.full((1, 1, 1, 1), 448.0, device=DEV)  # softmax probabilities are <= 1
-                descales = [one(sq), one(sk), one(sv), one(1.0 / p_scale)]
-                o_scale = one(torch.tensor(448.0 / ref.abs().amax().float().item(), device=DEV)) if out_dtype == FP8 else one(torch.ones((), device=DEV))
-                out = torch.empty(b, h, s, d, device=DEV, dtype=out_dtype)
-                run = attn_fp8_cudnn(q8, k8, v8, descales, [p_scale, o_scale], out)
-                run()
-                torch.cuda.synchronize()
-                row[f"fp8_cudnn_{tag}_ms"] = graph_ms(run)
-                result = out.float() / o_scale.reshape(()) if out_dtype == FP8 else out
-                row[f"fp8_{tag}_sqnr_db"] = round(sqnr_db(ref, result), 1)
-            except Exception as err:
-                row[f"fp8_cudnn_{tag}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                if tag == "bf16out":
-                    traceback.print_exc()
+        try:
+            (q8, sq), (k8, sk), (v8, sv) = (quantize_per_tensor(t) for t in (q, k, v))
+            op = lambda: torch.ops.onediffx.sdpa_8bit(q8, k8, v8, sq, sk, sv, d ** -0.5, torch.bfloat16)  # noqa: E731
+            out = op()
+            torch.cuda.synchronize()
+            row["fp8_cudnn_ms"] = graph_ms(op)
+            row["fp8_cast_ms"] = graph_ms(lambda: [quantize_per_tensor(t) for t in (q, k, v)])
+            row["fp8_sqnr_db"] = round(sqnr_db(ref, out), 1)
+        except Exception as err:
+            row["fp8_cudnn_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            traceback.print_exc()
         rows.append(row)
     return rows
 

@@ -120,6 +120,10 @@ class QuantizeConfig:
     weight scales, through onediffx's 8-bit convolution op (cuDNN's fp8/int8 convolution on CUDA;
     a float32 reference elsewhere). Needs ``calibrate.prompts > 0``. ``*conv_in``/``*conv_out`` stay
     excluded by default; ``quantize.exclude`` and ``calibrate.min_sqnr_db`` apply as to linear layers."""
+    attention: bool = False
+    """Self-attentions (``attn1``) in fp8 through onediffx's ``sdpa_8bit`` op: cuDNN's fused fp8 attention
+    on Hopper, per-call per-tensor scales for Q, K and V (no calibration), whatever ``mode`` the
+    linear layers take; cross-attentions stay 16-bit."""
     fuse_qkv: bool = True
     """Fuse each attention's q/k/v projections (diffusers' ``fuse_qkv_projections``) before quantizing:
     one quantized matmul instead of three, and what ``compile.fuse_qkv`` would do later, which it

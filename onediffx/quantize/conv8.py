@@ -17,13 +17,14 @@ run inside cuDNN's graph as its epilogue.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cudnn_graphs import build, execute, handle_on_current_stream, planned
 
 FP8 = torch.float8_e4m3fn
 QMAX = {FP8: 448.0, torch.int8: 127.0}
@@ -71,17 +72,6 @@ def reference(x: torch.Tensor, weight: torch.Tensor, descale: torch.Tensor, bias
     return out.copy_(y)
 
 
-class _Plans(threading.local):
-    """cuDNN graphs built so far, by shape and dtype (building one costs milliseconds; running it, microseconds)."""
-
-    def __init__(self) -> None:
-        self.handles: dict[int, Any] = {}
-        self.graphs: dict[tuple, tuple[Any, tuple, int]] = {}
-
-
-_PLANS = _Plans()
-
-
 def _cudnn_type(cudnn: Any, dtype: torch.dtype) -> Any:
     return {FP8: cudnn.data_type.FP8_E4M3, torch.int8: cudnn.data_type.INT8, torch.bfloat16: cudnn.data_type.BFLOAT16,
             torch.float16: cudnn.data_type.HALF, torch.float32: cudnn.data_type.FLOAT}[dtype]
@@ -90,11 +80,7 @@ def _cudnn_type(cudnn: Any, dtype: torch.dtype) -> Any:
 def _plan(cudnn: Any, handle: Any, x: torch.Tensor, weight: torch.Tensor, descale: torch.Tensor,
           bias: Optional[torch.Tensor], out: torch.Tensor, stride: List[int], padding: List[int],
           dilation: List[int]) -> tuple[Any, tuple, int]:
-    key = (x.device.index, tuple(x.shape), tuple(weight.shape), x.dtype, bias is not None, out.dtype,
-           tuple(stride), tuple(padding), tuple(dilation))
-    found = _PLANS.graphs.get(key)
-    if found is not None:
-        return found
+    """conv_fprop in 32-bit accumulation, times the per-channel descale, plus the bias: one cuDNN graph."""
     compute = cudnn.data_type.INT32 if x.dtype == torch.int8 else cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=_cudnn_type(cudnn, x.dtype), intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT, handle=handle)
@@ -107,38 +93,25 @@ def _plan(cudnn: Any, handle: Any, x: torch.Tensor, weight: torch.Tensor, descal
         B = graph.tensor_like(bias.view(1, -1, 1, 1))
         Y = graph.bias(input=Y, bias=B)
     Y.set_output(True).set_data_type(_cudnn_type(cudnn, out.dtype))
-    graph.validate()
-    graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans()
-    found = (graph, (X, W, S, B, Y), graph.get_workspace_size())
-    _PLANS.graphs[key] = found
-    return found
+    return graph, (X, W, S, B, Y), build(cudnn, graph)
 
 
 def _cudnn(x: torch.Tensor, weight: torch.Tensor, descale: torch.Tensor, bias: Optional[torch.Tensor],
            stride: List[int], padding: List[int], dilation: List[int], out_dtype: torch.dtype) -> torch.Tensor:
-    import cudnn
-
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    handle = _PLANS.handles.get(device)
-    if handle is None:
-        with torch.cuda.device(device):
-            handle = _PLANS.handles[device] = cudnn.create_handle()
-    # Every call on the current stream: a CUDA graph capture runs on its own stream.
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(x.device).cuda_stream)
+    cudnn, handle = handle_on_current_stream(x.device)
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous(memory_format=torch.channels_last)
     descale = descale.float().contiguous()
     bias = None if bias is None else bias.float().contiguous()
     out = _empty_out(x, weight, stride, padding, dilation, out_dtype)
-    graph, (X, W, S, B, Y), workspace_size = _plan(cudnn, handle, x, weight, descale, bias, out, stride, padding, dilation)
+    key = ("conv8", x.device.index, tuple(x.shape), tuple(weight.shape), x.dtype, bias is not None, out.dtype,
+           tuple(stride), tuple(padding), tuple(dilation))
+    graph, (X, W, S, B, Y), workspace_size = planned(
+        key, lambda: _plan(cudnn, handle, x, weight, descale, bias, out, stride, padding, dilation))
     pack = {X: x, W: weight, S: descale.view(1, -1, 1, 1), Y: out}
     if B is not None:
         pack[B] = bias.view(1, -1, 1, 1)
-    workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=x.device)
-    graph.execute(pack, workspace, handle=handle)
+    execute(graph, pack, workspace_size, handle, x.device)
     return out
 
 

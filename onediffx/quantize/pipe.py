@@ -27,7 +27,10 @@ from ..fused_qkv import fuse_qkv, projections, share_rows
 from ..quantized_weights import QuantizedWeight, register
 from ..state import LORA, QUANTIZE
 from .calibrate import calibrated_ranges, keep, measure_sqnr
-from .conv8 import FP8, QMAX, Conv8, Conv8Config, is_spatial_conv, kernels_available
+from .attention8 import apply_attention8
+from .attention8 import kernels_available as attention_kernels
+from .conv8 import FP8, QMAX, Conv8, Conv8Config, is_spatial_conv
+from .conv8 import kernels_available as conv_kernels
 from .config import KeepOriginals, QuantizeConfig, QuantizeMode
 from .gain import measure_speedups
 from .modes import DTYPE_MAX, check_supported, needed_dtype, static_config, torchao_config
@@ -52,6 +55,8 @@ class QuantizeState:
     calibration: Optional[str] = None
     """Key of the calibrated ranges behind static activation scales (``None``: dynamic scales)."""
     sqnr_db: dict[str, float] = field(default_factory=dict)
+    attention8: list[str] = field(default_factory=list)
+    """Self-attentions computing in fp8 (``quantize.attention``)."""
     speedup: dict[str, float] = field(default_factory=dict)
     """Each timed layer's 16-bit over 8-bit time on this card (``calibrate.min_speedup``)."""
     """Each quantized layer's SQNR on rows of its calibration input (calibrated modes)."""
@@ -72,7 +77,7 @@ class QuantizeState:
                            f"kernels); the pipeline was converted from {self.dtype_from}") if self.dtype_from else None,
             "weight_mib_before": round(self.bytes_before / 2**20, 1), "weight_mib_after": round(self.bytes_after / 2**20, 1),
             "conv_1x1": self.config.conv_1x1, "keep_originals": KeepOriginals(self.config.keep_originals).value,
-            "quantize_seconds": round(self.seconds, 3), "calibration": self.calibration,
+            "quantize_seconds": round(self.seconds, 3), "calibration": self.calibration, "attention8": len(self.attention8),
             **_ranked(self.sqnr_db, "sqnr_db", 2), **_ranked(self.speedup, "speedup", 3),
         }
 
@@ -89,6 +94,7 @@ class QuantizeState:
         return {"mode": QuantizeMode(self.config.mode).value, "conv_1x1": self.config.conv_1x1,
                 "layers": hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16], "count": len(layers),
                 "torchao": torchao_version(), "recipe": self.recipe(),
+                **({"attention8": len([n for n in self.attention8 if n.split(".")[0] == top])} if self.attention8 else {}),
                 **({"calibration": self.calibration} if self.calibration else {})}
 
     def recipe(self) -> Optional[str]:
@@ -245,9 +251,10 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
     start = time.perf_counter()
     device, dtype = _device_dtype(pipe, list(found.values()))
     check_supported(config.mode, device)
-    missing = kernels_available(device) if config.convs else None
-    if missing:
-        raise NotAvailableError(f"quantize.convs: {missing}; or set quantize.convs=false (linear layers only)")
+    for key, wanted, why_not in (("convs", config.convs, conv_kernels), ("attention", config.attention, attention_kernels)):
+        missing = why_not(device) if wanted else None
+        if missing:
+            raise NotAvailableError(f"quantize.{key}: {missing}; or set quantize.{key}=false")
     torchao = torchao_config(config.mode)  # imports torchao (quietly) before anything changes
     state = QuantizeState(config=config, bytes_before=_weight_bytes(list(found.values())))
     target = needed_dtype(config.mode, dtype)
@@ -270,6 +277,8 @@ def quantize_pipe(pipe: Any, mode: Any = None, options: Optional[QuantizeConfig]
         configs = {name: torchao if ranges is None else _static(config, ranges, name, device) for name in chosen.chosen}
         _quantize_component(component, path, chosen, by_name, configs, config, target, state)
         _swap_convs(component, path, chosen, ranges, config, target, state)
+        if config.attention:
+            state.attention8 += [f"{path}.{name}" for name in apply_attention8(component)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the high-precision weights quantize_ replaced
