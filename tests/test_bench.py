@@ -186,3 +186,18 @@ def test_the_bench_measures_a_transformer_pipeline_as_it_measures_a_unet(tmp_pat
     assert all(r["unet_step_ms"] > 0 for r in rows)
     int8 = rows[-1]
     assert int8["quantized_layers"] > 0 and int8["psnr_vs_unquantized_db"] > 30
+
+
+def test_the_runs_quantize_options_reach_every_bench_row_that_can_take_them(tmp_path):
+    """``quantize.convs=true quantize.attention=true`` apply to the static rows (calibrated scales) and
+    name themselves in the method; the dynamic rows take the attention only."""
+    proc = run_cli("bench", "model=tiny_xl", "model.synthetic=false", "compile=none", "bench.scenarios=[throughput]",
+                   "bench.throughput_modes=[int8,int8_static]", "bench.throughput_batches=[1]", "bench.throughput_steps=2",
+                   "quantize.convs=true", "quantize.attention=true", "bench.recipe_peer=false", "bench.repeat=1",
+                   "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["onediffx quantize=off compile=none",
+                                           "onediffx quantize=int8+attention compile=none",
+                                           "onediffx quantize=int8_static+convs+attention compile=none"]
+    assert rows[2]["quantized_layers"] > rows[1]["quantized_layers"]  # the 3x3 convolutions

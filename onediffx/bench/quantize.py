@@ -23,6 +23,7 @@ import logging
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -78,7 +79,7 @@ def quantize_for_bench(asm: Assembly, mode: str, cfg: DictConfig,
     With ``settings``, the facts include the image of the same pipeline unquantized in the dtype the
     quantized one runs in (``same_dtype_reference``).
     """
-    quantize, facts = options_for(mode), {}
+    quantize, facts = options_for(mode, run_options(cfg)), {}
     if mode == "off":
         return quantize, facts
     target = needed_dtype(quantize.mode, asm.dtype)
@@ -130,7 +131,7 @@ def _onediffx_row(asm: Assembly, mode: str, settings: Settings, cfg: DictConfig,
         save_pipe(asm.pipe, cfg.cache.dir, overwrite=False)
     state = compile_state(asm.pipe)
     preset = OmegaConf.select(cfg, "bench.compile_preset") or cfg.compile.backend
-    row = _row(f"onediffx quantize={mode} compile={preset}", asm, settings, cfg, first_s, reference, floor_s)
+    row = _row(method_name(mode, quantize, preset), asm, settings, cfg, first_s, reference, floor_s)
     graphs, compile_s = compiled_so_far(asm.pipe)
     row.update(facts, unet_rel_error=None if error is None else round(error, 5), cache_hit=hit,
                graphs_compiled=graphs, compile_s=compile_s,
@@ -145,11 +146,29 @@ STATIC_SUFFIX = "_static"
 the ``conf/quantize/<mode>_static.yaml`` presets do."""
 
 
-def options_for(name: str) -> QuantizeConfig:
-    """The quantize options a ``bench.quantize_modes`` entry stands for."""
+def options_for(name: str, base: Optional[QuantizeConfig] = None) -> QuantizeConfig:
+    """The quantize options a ``bench.quantize_modes`` entry stands for, on top of the run's ``quantize``
+    options (``quantize.convs=true quantize.attention=true`` reach every row that can take them).
+
+    Static entries calibrate (the run's ``quantize.calibrate`` if set, else 4 prompts of 4 steps);
+    dynamic ones have no calibrated scales and so no 8-bit convolutions."""
+    base = base or QuantizeConfig()
     if name.endswith(STATIC_SUFFIX):
-        return QuantizeConfig(mode=QuantizeMode(name[: -len(STATIC_SUFFIX)]), calibrate=CalibrateConfig(prompts=4, steps=4))
-    return QuantizeConfig(mode=QuantizeMode(name))
+        calibrate = base.calibrate if base.calibrate.enabled else replace(base.calibrate, prompts=4, steps=4)
+        return replace(base, mode=QuantizeMode(name[: -len(STATIC_SUFFIX)]), calibrate=calibrate)
+    return replace(base, mode=QuantizeMode(name), calibrate=replace(base.calibrate, prompts=0), convs=False)
+
+
+def run_options(cfg: DictConfig) -> Optional[QuantizeConfig]:
+    """The run's own ``quantize`` options, the base of every bench row's."""
+    node = OmegaConf.select(cfg, "quantize")
+    return None if node is None else OmegaConf.to_object(node)
+
+
+def method_name(mode: str, options: QuantizeConfig, preset: str) -> str:
+    """``onediffx quantize=fp8_static+convs+attention compile=inductor``: what a row ran."""
+    extras = "".join(f"+{flag}" for flag in ("convs", "attention") if mode != "off" and getattr(options, flag))
+    return f"onediffx quantize={mode}{extras} compile={preset}"
 
 
 def _say(rows: list[dict[str, Any]]) -> None:
@@ -187,7 +206,7 @@ def run_quantize_bench(asm: Assembly, cfg: DictConfig, fresh: Callable[[], Assem
         left = _free(asm)
         asm = fresh()
         try:
-            check_supported(options_for(mode).mode, device) if mode != "off" else None
+            check_supported(options_for(mode, run_options(cfg)).mode, device) if mode != "off" else None
             rows.append(_onediffx_row(asm, mode, settings, cfg, reference, captured, floor_s, loras))
             if left is not None:  # the row's own memory: what earlier rows left allocated is not its
                 rows[-1].update(left_by_earlier_rows_gib=round(left, 2), own_peak_gib=round(rows[-1]["peak_gib"] - left, 2))

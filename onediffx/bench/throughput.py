@@ -24,7 +24,7 @@ from ..compile import save_pipe
 from ..generate import Settings, generate
 from ..quantize.modes import check_supported
 from .measure import median_call, timed
-from .quantize import compile_for_bench, compiled_so_far, options_for, quantize_for_bench
+from .quantize import compile_for_bench, compiled_so_far, method_name, options_for, quantize_for_bench, run_options
 from .recipe import RECIPE, recipe_compiled
 from .steady import _free
 
@@ -55,8 +55,8 @@ def _recipe_rows(asm: Assembly, cfg: DictConfig) -> list[dict[str, Any]]:
 
 def _onediffx_rows(asm: Assembly, mode: str, cfg: DictConfig) -> list[dict[str, Any]]:
     if mode != "off":
-        check_supported(options_for(mode).mode, asm.device)
-    _, facts = quantize_for_bench(asm, mode, cfg)
+        check_supported(options_for(mode, run_options(cfg)).mode, asm.device)
+    options, facts = quantize_for_bench(asm, mode, cfg)
     cached, hit = compile_for_bench(asm, cfg)
 
     def keep_new_graphs() -> None:  # each batch size's first call may compile: file it for the next run
@@ -64,7 +64,7 @@ def _onediffx_rows(asm: Assembly, mode: str, cfg: DictConfig) -> list[dict[str, 
             save_pipe(asm.pipe, cfg.cache.dir, overwrite=False)
 
     preset = OmegaConf.select(cfg, "bench.compile_preset") or cfg.compile.backend
-    rows = _batch_rows(asm, f"onediffx quantize={mode} compile={preset}", cfg, keep_new_graphs)
+    rows = _batch_rows(asm, method_name(mode, options, preset), cfg, keep_new_graphs)
     graphs, compile_s = compiled_so_far(asm.pipe)
     for row in rows:
         row.update({k: v for k, v in facts.items() if k in ("quantized_layers", "dtype")},
