@@ -116,3 +116,22 @@ def test_deepcache_on_a_transformer_is_one_line_naming_stepcache(compose_run):
     with pytest.raises(ConfigError, match=r"^deepcache: works on UNets; .*FluxTransformer2DModel.*stepcache=") as err:
         assemble(compose_run("model=tiny_flux", "deepcache=i3"))
     assert "\n" not in str(err.value)
+
+
+def test_flux_alternates_warmed_resolutions_without_recompiling(flux):
+    """Two sizes, each compiled once: alternating between them afterwards compiles nothing more and
+    gives each size's image again (as for the UNet in ``test_compile.py``)."""
+    import torch
+
+    pipe = flux["pipe"]
+
+    def image(height: int, width: int) -> np.ndarray:
+        out = pipe(prompt=[PROMPT], height=height, width=width, num_inference_steps=2, guidance_scale=3.5,
+                   generator=[torch.Generator().manual_seed(0)], output_type="pil")
+        return np.asarray(out.images[0], dtype=np.int16)
+
+    first = {size: image(*size) for size in ((64, 64), (32, 64))}
+    compiles = compile_state(pipe).saveable["transformer"].compiles
+    for size in ((64, 64), (32, 64), (64, 64), (32, 64)):
+        assert np.array_equal(image(*size), first[size])
+    assert compile_state(pipe).saveable["transformer"].compiles == compiles
