@@ -16,7 +16,7 @@ def test_defaults_compose_and_validate(compose_run):
     cfg = compose_run()
     validate(cfg)
     assert cfg.model.name == "tiny" and cfg.compile.backend == "none" and not cfg.deepcache.enabled
-    assert list(cfg.stages) == ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "stepcache", "warmup", "save-graph"]
+    assert list(cfg.stages) == ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "stepcache", "parallel", "warmup", "save-graph"]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onediffx"
 APP = ("onediffx.cli", "onediffx.__main__", "onediffx.commands", "onediffx.sweep",
        "onediffx.startup", "onediffx.bench", "onediffx.serve", "onediffx.client")
 STAGES = ("onediffx.stages", "onediffx.resolver", "onediffx.assembly", "onediffx.generate")
-LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.step_cache", "onediffx.instantid", "onediffx.quantize", "onediffx.graph_cache",
+LIBRARY = ("onediffx.compile", "onediffx.lora", "onediffx.deep_cache", "onediffx.step_cache", "onediffx.parallel", "onediffx.instantid", "onediffx.quantize", "onediffx.graph_cache",
            "onediffx.models", "onediffx.config", "onediffx.device", "onediffx.errors", "onediffx.metrics",
            "onediffx.registry", "onediffx.resources", "onediffx.hooks", "onediffx.mixins", "onediffx.lazy_exports",
            "onediffx.plugin_loader", "onediffx.requirements", "onediffx.state", "onediffx.fused_qkv",

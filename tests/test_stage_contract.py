@@ -102,7 +102,7 @@ def test_plan_refuses_a_list_out_of_order(compose_run, stages, first, later):
 
 def test_the_default_list_keeps_every_declared_order(compose_run):
     names = [stage.name for stage, _ in plan(compose_run())]
-    assert names == ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "stepcache", "warmup", "save-graph"]
+    assert names == ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "stepcache", "parallel", "warmup", "save-graph"]
     for name in names:
         for first in STAGES[name].after:
             assert names.index(first) < names.index(name)

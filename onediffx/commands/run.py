@@ -23,6 +23,11 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     with folder_lock(out_dir), job_device(cfg) as pinned:
         if pinned is not None:
             cfg.device = pinned
+        if OmegaConf.select(cfg, "parallel.kind", default="off") != "off" and not cfg.parallel.rank:
+            from .parallel_peer import peer_process
+
+            with peer_process(cfg):
+                return _run_job(cfg, out_dir)
         return _run_job(cfg, out_dir)
 
 

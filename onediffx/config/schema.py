@@ -19,6 +19,7 @@ from ..compile.config import CompileConfig, OnMiss
 from ..errors import ConfigError
 from ..deep_cache.config import DeepCacheConfig
 from ..quantize.config import QuantizeConfig
+from ..parallel.config import ParallelConfig
 from ..step_cache.config import StepCacheConfig
 from ..instantid.config import FaceConfig
 
@@ -184,7 +185,8 @@ class SweepConfig:
     """Write ``summary.csv``, ``summary.md`` and ``summary.png`` in the sweep folder at the end."""
 
 
-DEFAULT_STAGES = ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "stepcache", "warmup", "save-graph"]
+DEFAULT_STAGES = ["quantize", "lora-fuse", "deepcache", "compile", "load-graph", "stepcache", "parallel", "warmup",
+                  "save-graph"]
 
 
 @dataclass
@@ -196,6 +198,8 @@ class RunConfig:
     deepcache: DeepCacheConfig = field(default_factory=DeepCacheConfig)
     stepcache: StepCacheConfig = field(default_factory=StepCacheConfig)
     """diffusers' step caches on a transformer (``onediffx.step_cache``); ``stepcache=off`` by default."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """A request over two processes (``onediffx.parallel``); ``parallel=off`` by default."""
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     """fp8/int8 quantization of the UNet's linear layers (``onediffx.quantize``); ``quantize=off`` by default."""
     face: FaceConfig = field(default_factory=FaceConfig)

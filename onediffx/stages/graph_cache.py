@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from ..config.schema import CacheConfig
 from ..registry import register_stage
 from .base import Assembly, Stage
@@ -188,7 +190,8 @@ class SaveGraphStage(Stage[CacheConfig]):
     """It saves what the warm-up compiled, and reads ``load-graph``'s hit and its check of the first call."""
 
     def enabled(self, asm: Assembly, options: CacheConfig) -> bool:
-        return _cache_in_use(asm, options)
+        # parallel=cfg: both processes compile the same graphs; the first one files them
+        return _cache_in_use(asm, options) and not OmegaConf.select(asm.cfg, "parallel.rank", default=0)
 
     def apply(self, asm: Assembly, options: CacheConfig) -> None:
         from ..compile import compile_state
