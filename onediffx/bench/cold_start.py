@@ -45,8 +45,13 @@ def _model_overrides(cfg: DictConfig) -> list[str]:
     return out + [f"height={run.height}", f"width={run.width}", f"steps={run.steps}"]
 
 
+def folder_for(work: Path, label: str) -> Path:
+    """A run folder named after a row's label (Hydra's overrides take no spaces or ``=`` in a path)."""
+    return work / "".join(c if c.isalnum() else "-" for c in label)
+
+
 def _onediffx(cfg: DictConfig, work: Path, label: str, timeout: int) -> dict[str, Any]:
-    run_dir = work / "".join(c if c.isalnum() else "-" for c in label)
+    run_dir = folder_for(work, label)
     cmd = [sys.executable, "-m", "onediffx", "run", *_model_overrides(cfg), f"compile={cfg.bench.compile_preset}",
            f"cache.dir={work / 'graphs'}", f"hydra.run.dir={run_dir}"]
     proc, process_s = _timed_run(cmd, _env(work / "inductor-onediffx"), timeout)

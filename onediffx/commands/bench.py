@@ -88,6 +88,12 @@ def _throughput(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     return run_throughput_bench(cfg, fresh=lambda: _fresh(cfg))
 
 
+def _parallel(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
+    from ..bench.parallel import run_parallel_bench
+
+    return run_parallel_bench(cfg)
+
+
 def _serve(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
     from ..bench.serve import run_serve_bench
 
@@ -97,7 +103,7 @@ def _serve(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
 RUNNERS: dict[str, Callable[[DictConfig, Path], list[dict[str, Any]]]] = {
     "steady": _steady, "cold_start": _cold_start, "lora": _lora, "deepcache": _deepcache,
     "instantid": _instantid, "quantize": _quantize, "serve": _serve,
-    "throughput": _throughput,
+    "throughput": _throughput, "parallel": _parallel,
 }
 
 
