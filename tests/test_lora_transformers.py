@@ -175,6 +175,30 @@ def test_fused_attention_layouts_on_flux(tmp_path):
         lora.load_and_fuse_lora(fused, str(context))
 
 
+def test_kohya_flux_layers_outside_the_blocks_and_cached_clip_factors(tmp_path):
+    """diffusers' FLUX converter leaves ``img_in`` (x_embedder) unprefixed, and its own loader then drops
+    it: onediffx fuses it into the transformer (checked by hand). Its CLIP half scales factors in place;
+    with ``use_cache`` a second load must still read the file's factors, not scaled ones."""
+    pipe = tiny_flux()
+    x_embedder = pipe.transformer.x_embedder.weight.detach().clone()
+    state_dict = flux_kohya_bfl(pipe)
+    gen = torch.Generator().manual_seed(10)
+    down, up = torch.randn(4, x_embedder.shape[1], generator=gen), torch.randn(x_embedder.shape[0], 4, generator=gen)
+    state_dict.update({"lora_unet_img_in.lora_down.weight": down, "lora_unet_img_in.lora_up.weight": up,
+                       "lora_unet_img_in.alpha": torch.tensor(2.0)})
+    path = save_state_dict(state_dict, tmp_path / "img_in.safetensors")
+    try:
+        lora.load_and_fuse_lora(pipe, str(path), "k", lora_scale=0.5, use_cache=True)
+        first = weights(pipe)
+        torch.testing.assert_close(pipe.transformer.x_embedder.weight, x_embedder + 0.5 * (2.0 / 4) * (up @ down),
+                                   rtol=0, atol=1e-6)
+        lora.delete_adapters(pipe)
+        lora.load_and_fuse_lora(pipe, str(path), "k", lora_scale=0.5, use_cache=True)
+        assert all(torch.equal(v, first[k]) for k, v in weights(pipe).items())
+    finally:
+        lora.clear_cache()
+
+
 def _sdxl_lora(tmp_path):
     return save_kohya(random_lora(lora_targets(tiny_sdxl()), 4, seed=9), tmp_path / "sdxl_style.safetensors")
 
