@@ -27,9 +27,7 @@ from .measure import seconds as _measure_seconds
 from ..lora.fit import lora_components
 from ..lora.formats import TargetKey, to_canonical
 from ..lora.sources import clear_cache, read_lora
-from ..lora.synthetic import (
-    bytes_per_rank, diffusers_state_dict, lora_targets, random_lora, save_kohya, save_state_dict,
-)
+from ..lora.synthetic import bytes_per_rank, lora_targets, random_lora, save_published
 
 MiB = 2**20
 SAMPLES = 16
@@ -66,19 +64,15 @@ def _bench_targets(pipe: Any) -> Dict[TargetKey, torch.nn.Module]:
 def _generate(pipe: Any, sizes_mb: Sequence[float], folder: Path) -> List[Tuple[Path, int]]:
     targets = _bench_targets(pipe)
     components = lora_components(pipe)
-    unet, transformer = components.get("unet"), components.get("transformer")
-    dtype = next(transformer.parameters()).dtype if unet is None and transformer is not None else torch.float16
+    transformer = components.get("transformer") if "unet" not in components else None
+    dtype = next(transformer.parameters()).dtype if transformer is not None else torch.float16
+    alpha = None if transformer is not None else (lambda key, r: r / 2)  # SD3's loader reads no alphas
     per_rank = bytes_per_rank(targets, dtype)
-    sgm = unet.config.layers_per_block if unet is not None and hasattr(pipe, "text_encoder_2") else None
     files = []
     for i, size in enumerate(sizes_mb):
         rank = max(1, round(size * MiB / per_rank))
-        path = folder / f"lora{i + 1}_r{rank}.safetensors"
-        if unet is None:
-            save_state_dict(diffusers_state_dict(random_lora(targets, rank, seed=100 + i), dtype=dtype), path)
-        else:
-            save_kohya(random_lora(targets, rank, seed=100 + i, alpha=lambda key, r: r / 2), path,
-                       sgm_layers_per_block=sgm, dtype=dtype)
+        path = save_published(pipe, random_lora(targets, rank, seed=100 + i, alpha=alpha),
+                              folder / f"lora{i + 1}_r{rank}.safetensors", dtype=dtype)
         files.append((path, rank))
     return files
 

@@ -266,3 +266,18 @@ def xlabs_state_dict(layers: Dict[TargetKey, LoraLayer], dtype: torch.dtype = to
         out[f"{key}.down.weight"] = layer.down.to(dtype)
         out[f"{key}.up.weight"] = (layer.up * layer.scale).to(dtype)
     return out
+
+
+def save_published(pipeline: Any, layers: Dict[TargetKey, LoraLayer], path: Union[str, Path],
+                   dtype: torch.dtype = torch.float16) -> Path:
+    """``layers`` in the format most LoRAs for ``pipeline`` are published in: kohya for a UNet (SGM
+    names for SDXL, ``lora_te_`` for SD 1.x/2.x), diffusers for a transformer (FLUX.1, SD3.5), which
+    is the one format both of their diffusers loaders read (SD3's takes no kohya or ``.alpha`` keys:
+    give it layers of scale 1)."""
+    components = lora_components(pipeline)
+    unet = components.get("unet")
+    if unet is None:
+        return save_state_dict(diffusers_state_dict(layers, dtype), path)
+    if "text_encoder_2" in components:
+        return save_kohya(layers, path, sgm_layers_per_block=unet.config.layers_per_block, dtype=dtype)
+    return save_kohya(layers, path, te_prefixes=("lora_te_", ""), dtype=dtype)
