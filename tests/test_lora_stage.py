@@ -109,6 +109,10 @@ def test_stage_refuses_missing_and_misfit_loras_naming_the_entry(two_files, tmp_
         check(run_config(gone={"source": str(tmp_path / "gone.safetensors")}))
     with pytest.raises(ConfigError, match=r"lora\.old: made for sd15 but model tiny_xl is sdxl"):
         check(run_config(old={"source": str(two_files[0]), "base": "sd15"}))
+    flux = run_config(xl={"source": str(two_files[0]), "base": "sdxl"})
+    flux.model.pipeline, flux.model.name = "FluxPipeline", "tiny_flux"
+    with pytest.raises(ConfigError, match=r"lora\.xl: made for sdxl but model tiny_flux is flux"):
+        check(flux)
     with pytest.raises(ConfigError, match=r"^lora\.b: adapter name 'a' is also used by lora\.a$"):
         check(run_config(a={"source": str(two_files[0])}, b={"source": str(two_files[1]), "adapter_name": "a"}))
 

@@ -1,8 +1,10 @@
 """LoRA loading and switching: diffusers/PEFT against onediffx, and the floor, in one process.
 
-The LoRAs are generated for the given pipeline in kohya format (SGM names for SDXL, fp16, alpha
-stored), at the ranks that give the requested file sizes, so the benchmark runs on synthetic
-full-size models without downloads. Every path is timed from a file on disk to fused weights on
+The LoRAs are generated for the given pipeline, at the ranks that give the requested file sizes,
+so the benchmark runs on synthetic full-size models without downloads: for a UNet in kohya format
+(SGM names for SDXL, fp16, alpha stored); for a transformer (FLUX.1, SD3.5) in diffusers format
+(``transformer.*.lora_A``, the transformer's dtype, alpha = rank), as ai-toolkit and diffusers'
+trainers publish them and the one format both pipelines' diffusers loaders read. Every path is timed from a file on disk to fused weights on
 the device; between paths the pipeline's weights are put back bit-exactly, so each one starts from
 the same state. The floor is what no loader can beat with safetensors' reader: reading the file
 onto the device with ``load_file`` and adding each layer's update in place with one ``addmm_``.
@@ -25,7 +27,7 @@ from .measure import seconds as _measure_seconds
 from ..lora.fit import lora_components
 from ..lora.formats import TargetKey, to_canonical
 from ..lora.sources import clear_cache, read_lora
-from ..lora.synthetic import bytes_per_rank, lora_targets, random_lora, save_kohya
+from ..lora.synthetic import bytes_per_rank, lora_targets, random_lora, save_published
 
 MiB = 2**20
 SAMPLES = 16
@@ -55,21 +57,22 @@ def _median_seconds(fn: Callable[[], Any], reset: Callable[[], Any], device: tor
 
 
 def _bench_targets(pipe: Any) -> Dict[TargetKey, torch.nn.Module]:
-    """What kohya's trainer targets by default: UNet transformer blocks and CLIP attention/MLP."""
+    """What trainers target by default: UNet transformer blocks or the transformer's blocks, and CLIP attention/MLP."""
     return {k: m for k, m in lora_targets(pipe, conv=False).items() if k[0] != "unet" or "attentions." in k[1]}
 
 
 def _generate(pipe: Any, sizes_mb: Sequence[float], folder: Path) -> List[Tuple[Path, int]]:
     targets = _bench_targets(pipe)
-    per_rank = bytes_per_rank(targets, torch.float16)
-    unet = lora_components(pipe).get("unet")
-    sgm = unet.config.layers_per_block if unet is not None and hasattr(pipe, "text_encoder_2") else None
+    components = lora_components(pipe)
+    transformer = components.get("transformer") if "unet" not in components else None
+    dtype = next(transformer.parameters()).dtype if transformer is not None else torch.float16
+    alpha = None if transformer is not None else (lambda key, r: r / 2)  # SD3's loader reads no alphas
+    per_rank = bytes_per_rank(targets, dtype)
     files = []
     for i, size in enumerate(sizes_mb):
         rank = max(1, round(size * MiB / per_rank))
-        path = save_kohya(random_lora(targets, rank, seed=100 + i, alpha=lambda key, r: r / 2),
-                          folder / f"lora{i + 1}_r{rank}.safetensors", sgm_layers_per_block=sgm,
-                          dtype=torch.float16)
+        path = save_published(pipe, random_lora(targets, rank, seed=100 + i, alpha=alpha),
+                              folder / f"lora{i + 1}_r{rank}.safetensors", dtype=dtype)
         files.append((path, rank))
     return files
 
@@ -96,7 +99,7 @@ def _floor_plan(pipe: Any, path: Path, device: torch.device) -> List[Tuple[torch
     raw = read_lora(path, torch.device("cpu"))
     key_of = {id(v): k for k, v in raw.state_dict.items()}
     components = lora_components(pipe)
-    layers = to_canonical(raw, components, getattr(components.get("unet"), "config", None))
+    layers = to_canonical(raw, components, getattr(components.get("unet"), "config", None), type(pipe))
     return [(components[c].get_submodule(m).weight, key_of[id(layer.down)], key_of[id(layer.up)], layer.scale)
             for (c, m), layer in layers.items()]
 
@@ -112,9 +115,15 @@ def _floor(plan: List[Tuple[torch.nn.Parameter, str, str, float]], path: Path, d
                                                        alpha=scale)
 
 
+def _fused_components(pipe: Any) -> List[str]:
+    """Every component diffusers loads LoRAs into, as onediffx fuses them all: FLUX's ``fuse_lora()``
+    fuses only the transformer unless told (SD/SDXL's default is already all of them)."""
+    return list(pipe._lora_loadable_modules)
+
+
 def _diffusers_load_fuse(pipe: Any, path: Path, name: str, device: torch.device) -> Tuple[float, float]:
     load = _seconds(lambda: pipe.load_lora_weights(str(path), adapter_name=name), device)
-    fuse = _seconds(lambda: pipe.fuse_lora(adapter_names=[name]), device)
+    fuse = _seconds(lambda: pipe.fuse_lora(components=_fused_components(pipe), adapter_names=[name]), device)
     return load, fuse
 
 
@@ -143,7 +152,7 @@ def run_lora_bench(pipe: Any, device: Union[str, torch.device], sizes_mb: Sequen
                    tmp_dir: Optional[Union[str, Path]] = None) -> List[Dict[str, Any]]:
     """Time LoRA loading (per size) and switching ([1], [1,2], ... all), one row per measurement.
 
-    ``pipe`` must support diffusers' LoRA loading (SD/SDXL); it is left with its weights as found.
+    ``pipe`` must support diffusers' LoRA loading (SD/SDXL, FLUX.1, SD3.5); it is left with its weights as found.
     """
     device = torch.device(device)
     with tempfile.TemporaryDirectory(dir=tmp_dir) as folder:
@@ -193,8 +202,9 @@ def _switch_rows(pipe: Any, files: List[Path], device: torch.device, weights: _W
     peft = []
     for k in range(1, len(names) + 1):
         chosen = names[:k]
-        peft.append(_seconds(lambda: (pipe.set_adapters(chosen, [1.0] * k), pipe.fuse_lora(adapter_names=chosen)),
-                           device))
+        peft.append(_seconds(lambda: (pipe.set_adapters(chosen, [1.0] * k),
+                                      pipe.fuse_lora(components=_fused_components(pipe), adapter_names=chosen)),
+                             device))
         pipe.unfuse_lora()
     pipe.unload_lora_weights()
     weights.restore()

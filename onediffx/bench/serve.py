@@ -56,10 +56,10 @@ def _sizes(cfg: DictConfig) -> list[tuple[int, int]]:
 
 
 def _loras(cfg: DictConfig, folder: Path) -> dict[str, Path]:
-    """Two seeded rank-8 LoRAs (UNet attention, text encoders) for this model, and their conf entries."""
+    """Two seeded rank-8 LoRAs (UNet attention or transformer blocks, text encoders) for this model, and their conf entries."""
     import torch
 
-    from ..lora.synthetic import lora_targets, random_lora, save_kohya
+    from ..lora.synthetic import lora_targets, random_lora, save_published
 
     if cfg.model.builtin:
         from ..models.tiny import build_tiny
@@ -73,13 +73,10 @@ def _loras(cfg: DictConfig, folder: Path) -> dict[str, Path]:
     else:
         raise ConfigError("bench.scenarios: serve needs model.synthetic=true or a built-in model (seeded LoRAs)")
     targets = {k: m for k, m in lora_targets(pipe, conv=False).items() if k[0] != "unet" or "attentions." in k[1]}
-    sdxl = hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None
-    naming = {"sgm_layers_per_block": pipe.unet.config.layers_per_block} if sdxl else {"te_prefixes": ("lora_te_", "")}
     files = {}
     (folder / "conf" / "lora").mkdir(parents=True)
     for i, name in enumerate(("l1", "l2")):
-        path = save_kohya(random_lora(targets, 8, seed=200 + i), folder / f"{name}.safetensors",
-                          dtype=torch.float16, **naming)
+        path = save_published(pipe, random_lora(targets, 8, seed=200 + i), folder / f"{name}.safetensors")
         (folder / "conf" / "lora" / f"{name}.yaml").write_text(f"# @package lora.{name}\nsource: {path}\nscale: 1.0\n")
         files[name] = path
     del pipe, targets

@@ -72,7 +72,7 @@ class LoraEntry:
     adapter_name: Optional[str] = None
     """Defaults to the entry's key in ``lora``."""
     base: Optional[str] = None
-    """Base family it was trained for (``sd15``, ``sdxl``), shown by ``onediffx list``."""
+    """Base family it was trained for (``sd15``, ``sdxl``, ``flux_dev``, ``sd35_large``), shown by ``onediffx list``."""
 
 
 @dataclass

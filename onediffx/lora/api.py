@@ -91,7 +91,7 @@ def load_lora_and_optionally_fuse(
     device = _compute_device(components)
     raw = read_lora(pretrained_model_name_or_path_or_dict, device, use_cache=use_cache, **read_kwargs)
     unet = components.get("unet")
-    layers = to_canonical(raw, components, getattr(unet, "config", None))
+    layers = to_canonical(raw, components, getattr(unet, "config", None), type(pipeline))
     adapter = _fuse.Adapter(name, raw.label, fit(layers, pipeline, raw.label, device))
     state.adapters[name] = adapter
     state.offload_device = offload_device

@@ -10,6 +10,7 @@ through diffusers' renaming (renaming moves tensors, it never copies them).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from ..bounded import BoundedInputError, parse_json
 from .errors import LoraFormatError
+from .families import check_family
 from .sources import MAX_HEADER, RawLora
 
 TargetKey = Tuple[str, str]
@@ -191,20 +193,25 @@ def _split_components(state_dict: Dict[str, torch.Tensor], default: Optional[str
     return groups
 
 
-def to_canonical(raw: RawLora, components: Dict[str, torch.nn.Module], unet_config: Any = None
-                 ) -> Dict[TargetKey, LoraLayer]:
+def to_canonical(raw: RawLora, components: Dict[str, torch.nn.Module], unet_config: Any = None,
+                 pipeline_class: Optional[type] = None) -> Dict[TargetKey, LoraLayer]:
     """Every layer of ``raw`` under its target module; ``LoraFormatError`` for anything unreadable.
 
     ``components`` are the pipeline's LoRA-capable modules by name; they are consulted only for
     naming conventions (text encoders with or without ``text_model``), not to check shapes, which
-    ``fit`` does.
+    ``fit`` does. A pipeline whose denoiser is a transformer (FLUX, SD3) has its file's keys renamed
+    by ``pipeline_class.lora_state_dict``, diffusers' own choice of converter for that pipeline.
     """
     label = raw.label
     _check_supported(raw.state_dict, label)
+    check_family(raw.state_dict, components, label)
     state_dict = {k.removeprefix(PEFT_WRAPPER_PREFIX): v for k, v in raw.state_dict.items()}
     alphas: Dict[int, float] = {}
     is_kohya = [k.startswith(KOHYA_PREFIXES) for k in state_dict]
-    if all(is_kohya):
+    if "transformer" in components and "unet" not in components:
+        state_dict = _transformer_to_diffusers(state_dict, label, pipeline_class, components)
+        alphas = _diffusers_alphas(state_dict)
+    elif all(is_kohya):
         state_dict, alphas = _kohya_to_diffusers(state_dict, label, unet_config)
     elif any(is_kohya):
         raise LoraFormatError(f"LoRA {label}: mixes kohya keys (lora_unet_*, lora_te*) with other naming")
@@ -237,6 +244,65 @@ def to_canonical(raw: RawLora, components: Dict[str, torch.nn.Module], unet_conf
     if not layers:
         raise LoraFormatError(f"LoRA {label}: holds no LoRA layers")
     return layers
+
+
+_CONVERTER_ERRORS = (ValueError, KeyError, IndexError, AssertionError, NotImplementedError, TypeError, RuntimeError)
+"""What diffusers' converters raise on keys they cannot map (an ``assert`` checks FLUX.1's layer sizes)."""
+
+
+def _transformer_to_diffusers(state_dict: Dict[str, torch.Tensor], label: str, pipeline_class: Optional[type],
+                              components: Dict[str, torch.nn.Module]) -> Dict[str, torch.Tensor]:
+    """diffusers-format keys for a transformer pipeline's LoRA, with stored alphas as ``<module>.alpha``.
+
+    ``FluxPipeline.lora_state_dict`` picks diffusers' kohya, XLabs or diffusers path by the keys and
+    bakes kohya alphas into the factors; ``StableDiffusion3Pipeline``'s takes diffusers format as it
+    is. Given a dict, it reads no file. Two things are done around it: the text-encoder half of its
+    kohya path scales factors in place (``*=``), so those tensors are copies here, not the file's
+    (which ``use_cache`` keeps for the next load); and keys it leaves without a component prefix
+    (FLUX's ``img_in``, ``txt_in``, ``time_in``, ``final_layer``) name transformer modules, so they
+    get the ``transformer.`` prefix, where diffusers' own loader drops them.
+    """
+    convert = getattr(pipeline_class, "lora_state_dict", None)
+    if convert is None:
+        return state_dict
+    state_dict = {k: v.clone() if k.startswith("lora_te") else v for k, v in state_dict.items()}
+    kwargs = {"return_alphas": True} if "return_alphas" in inspect.signature(convert).parameters else {}
+    try:
+        out = convert(state_dict, **kwargs)
+    except _CONVERTER_ERRORS as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+        if isinstance(e, AssertionError):  # a fused layer split at the full-size model's widths
+            reason = "its layer sizes are not the ones diffusers' converter assumes; made for another base model?"
+        raise LoraFormatError(
+            f"LoRA {label}: diffusers' {pipeline_class.__name__}.lora_state_dict cannot convert its keys ({reason})"
+        ) from None
+    converted, alphas = (out if kwargs else (out, None))
+    converted = dict(converted)
+    left = next((k for k in converted if k.startswith(("lora_unet_", "lora_transformer_", "lora_te"))), None)
+    if left is not None:
+        from diffusers import __version__ as diffusers_version
+
+        raise LoraFormatError(
+            f"LoRA {label}: kohya-named keys (e.g. {left!r}) that diffusers {diffusers_version} has no converter "
+            f"for on {pipeline_class.__name__}; save it in diffusers format (transformer.<module>.lora_A/lora_B)"
+        )
+    for key, alpha in (alphas or {}).items():
+        converted[key] = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha))
+    if any(_component_of(k) for k in converted):
+        transformer = components["transformer"]
+        for key in [k for k in converted if _component_of(k) is None]:
+            module = key.split(".lora_", 1)[0].removesuffix(".alpha")
+            if _has_module(transformer, module):
+                converted["transformer." + key] = converted.pop(key)
+    return converted
+
+
+def _has_module(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _diffusers_alphas(state_dict: Dict[str, torch.Tensor]) -> Dict[int, float]:

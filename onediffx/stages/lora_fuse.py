@@ -16,17 +16,25 @@ from ..errors import ConfigError, OnediffxError
 from ..registry import register_stage
 from .base import Assembly, Stage
 
-_FAMILIES = {"sd15": "sd", "sd14": "sd", "sd21": "sd", "sd2": "sd", "sdxl": "sdxl"}
+_FAMILIES = {
+    "sd15": "sd", "sd14": "sd", "sd21": "sd", "sd2": "sd", "sdxl": "sdxl",
+    "flux": "flux", "flux_dev": "flux", "flux_schnell": "flux",
+    "sd3": "sd3", "sd35": "sd3", "sd35_large": "sd3", "sd35_medium": "sd3",
+}
 
 
 def _model_family(model: DictConfig) -> Optional[str]:
-    """``sdxl`` or ``sd`` (1.x/2.x) when the model config says so; None when it cannot tell."""
+    """``sdxl``, ``sd`` (1.x/2.x), ``flux`` or ``sd3`` when the model config says so; None when it cannot tell."""
     arch = model.get("arch")
     if arch in _FAMILIES:
         return _FAMILIES[arch]
     pipeline = str(model.get("pipeline") or "")
     if pipeline.startswith("StableDiffusionXL"):
         return "sdxl"
+    if pipeline.startswith("Flux"):
+        return "flux"
+    if pipeline.startswith("StableDiffusion3"):
+        return "sd3"
     if pipeline.startswith("StableDiffusion") and not pipeline.startswith(("StableDiffusion3", "StableDiffusionXL")):
         return "sd"
     return None
