@@ -586,6 +586,23 @@ def test_bad_serve_config_is_one_line_before_listening(tmp_path, override, messa
     assert "listening" not in proc.stdout and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("case", ["port_in_use", "bad_host"])
+def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_model_loads(tmp_path, case):
+    """The socket is bound before anything loads: one line and exit 2, not "listening", a whole load
+    and warm-up (the launch warms a shape: its progress would be on stderr), then uvicorn's exit 3."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        where, message = {"port_in_use": ([f"serve.port={port}"], f"serve.port: {port} on 127.0.0.1 is in use"),
+                          "bad_host": (["serve.host=999.1.1.1", f"serve.port={free_port()}"],
+                                       "serve.host: '999.1.1.1' is not a valid IPv4 address")}[case]
+        proc = run_cli("serve", "+launch=tiny_prod", "cache.enabled=false", *where, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"onediffx: error: {message}")
+    assert "listening" not in proc.stdout and "ready" not in proc.stdout and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.gpu
 def test_one_replica_per_gpu(root):
     """``serve.replicas=all``: one pipeline per visible GPU behind one endpoint, each one used, memory reported."""
