@@ -250,6 +250,44 @@ def test_lone_surrogate_text_is_422_not_a_tokenizer_crash(server, field):
     assert error["param"] == field and "unicode" in error["message"].lower()
 
 
+def test_limits_at_the_door(server):
+    """A body over serve.max_body_bytes is 413 (declared, or chunked and counted as it arrives); a 422
+    names the first few errors only; JSON that is not UTF-8 is a 400 and a head over serve.max_header_bytes
+    a 400; every refusal of an image request in the API's error shape and counted."""
+    url, json_type = "/v1/images/generations", {"content-type": "application/json"}
+    before = server.metrics()
+    declared = server.client.http.post(url, content=b'{"prompt": "' + b"x" * 300_000 + b'"}', headers=json_type)
+
+    def chunks():  # 4 MiB, sent chunked: no Content-Length to refuse it by
+        for _ in range(256):
+            yield b" " * 16384
+
+    chunked = httpx.post(server.url + url, content=chunks(), headers=json_type, timeout=60)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["param"] == "body" and "serve.max_body_bytes=262144" in error["message"]
+    assert "300014 bytes (Content-Length)" in declared.json()["error"]["message"]
+
+    unknown = ("{" + ", ".join(f'"k{i}": 0' for i in range(20_000)) + ', "prompt": "x", "size": "64x64"}').encode()
+    assert len(unknown) < 262144
+    invalid = server.client.http.post(url, content=unknown, headers=json_type)
+    assert invalid.status_code == 422 and len(invalid.content) < 4096, len(invalid.content)
+    body = invalid.json()
+    assert body["error_count"] == 20_000 and len(body["detail"]) == 5
+    assert body["error"]["message"] == "k0: Extra inputs are not permitted (and 19999 more errors)"
+
+    not_utf8 = server.client.http.post(url, content=b'{"prompt": "\xff"}', headers=json_type)
+    assert not_utf8.status_code == 400 and not_utf8.json()["error"]["type"] == "invalid_request_error"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:  # a head that never ends
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+        assert raw.recv(4096).startswith(b"HTTP/1.1 400 ")
+    after = server.metrics()
+    for status, more in (("413", 2), ("422", 1), ("400", 1)):
+        key = f"onediffx_requests_total{{status={status}}}"
+        assert after.get(key, 0) - before.get(key, 0) == more, key
+
+
 def test_non_finite_numbers_unknown_loras_and_faults(server):
     raw = b'{"prompt": "x", "size": "64x64", "steps": 2, "guidance": NaN}'
     response = server.client.http.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})

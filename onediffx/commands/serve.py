@@ -37,6 +37,13 @@ def check_serve(cfg: DictConfig) -> None:
     serve_options(cfg).validate("serve.")
 
 
+def door_options(cfg: DictConfig) -> dict[str, Any]:
+    """uvicorn's own bounds on slow and idle clients, from ``serve.*``. h11 is named (not uvicorn's
+    ``auto``, which picks httptools when installed) because the header limit is an h11 option."""
+    return dict(http="h11", h11_max_incomplete_event_size=cfg.serve.max_header_bytes,
+                timeout_keep_alive=cfg.serve.keep_alive_s, limit_concurrency=cfg.serve.max_connections)
+
+
 def serve_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Serve until SIGTERM/SIGINT; returns once every received request is answered."""
     check_serve(cfg)
@@ -56,7 +63,8 @@ def serve_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     engine = LocalEngine(cfg)
     app = create_app(engine)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.serve.host, port=port, log_config=None,
-                                           access_log=False, lifespan="on", timeout_graceful_shutdown=None))
+                                           access_log=False, lifespan="on", timeout_graceful_shutdown=None,
+                                           **door_options(cfg)))
 
     def ready(engine: LocalEngine) -> None:
         devices = ", ".join(str(r.asm.device) for r in engine.replicas)
