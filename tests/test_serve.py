@@ -232,6 +232,8 @@ def test_batched_mixed_requests_match_the_batch_command(server, root, conf):
     ({"response_format": "url"}, "response_format", "'b64_json'"),
     ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
     ({"deepcache": 0}, "deepcache", "greater than or equal to 1"),
+    ({"size": "256x256"}, "size", "65536 pixels, more than serve.max_pixels=16384 allows"),  # 4x tiny's 64x64
+    ({"size": "128x128", "steps": 41}, "steps", "671744 pixel-steps, more than serve.max_pixels_steps=655360"),
     ({"loras": {"a": "strong"}}, "loras.a", "valid number"),
 ])
 def test_bad_requests_are_422_naming_the_field(server, body, param, allowed):
@@ -239,6 +241,30 @@ def test_bad_requests_are_422_naming_the_field(server, body, param, allowed):
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["message"].startswith(f"{param}: ") and allowed in error["message"]
+
+
+@pytest.mark.parametrize("launch", ["model=sdxl", "+launch=sdxl_prod"])
+def test_the_default_cost_limits_accept_normal_sdxl_requests(compose_run, launch):
+    """Derived from the model: SDXL's usual sizes, 50 steps, four images pass; the memory estimate the CLI
+    uses (read once the server is warm) names n when one image would fit and four would not."""
+    from dataclasses import replace
+
+    import torch
+
+    from onediffx.serve.cost import cost_limits
+
+    limits = cost_limits(compose_run(launch, config_name="serve"))
+    assert (limits.max_pixels, limits.max_pixels_steps) == (2048 * 2048, 2048 * 2048 * 30 * 4)
+    for width, height in ((1024, 1024), (832, 1216), (1216, 832), (2048, 2048)):
+        assert limits.problem(width, height, 30, 4) is None
+        assert limits.problem(width, height, 50, 2) is None
+    assert limits.problem(1024, 1024, 200, 4)[0] == "steps"
+    assert limits.problem(4096, 2048, 1, 1)[0] == "size"
+    fits_one = replace(limits, memory_bytes=2**30, dtype=torch.float16, device="cuda:0")
+    field, message = fits_one.problem(1024, 1024, 30, 4)
+    assert field == "n" and message == ("n: 1024x1024 x 4 image(s) needs at least 2.0 GiB for activations, and cuda:0 "
+                                        "had 1.0 GiB free when the server turned ready; lower n")
+    assert fits_one.problem(1024, 1024, 30, 1) is None
 
 
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])

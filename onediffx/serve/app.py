@@ -113,6 +113,9 @@ def create_app(engine: LocalEngine, lifespan: bool = True) -> FastAPI:
 
     def key_of(req: Any) -> BatchKey:
         width, height = parse_size(req.size, limits.max_size)
+        costly = engine.cost.problem(width, height, req.steps, req.n)
+        if costly:
+            raise Rejected(error(422, costly[1], "invalid_request_error", costly[0]))
         if req.loras is None:
             weights = engine.lora_defaults
         else:
