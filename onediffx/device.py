@@ -102,11 +102,18 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def activation_bytes(dtype: torch.dtype, height: int, width: int, images: int) -> int:
+    """The least activation memory one call of ``images`` images needs (classifier-free guidance
+    doubles the batch; float32 doubles the bytes): what ``check_memory`` and the server's
+    per-request check compare with the memory free."""
+    return height * width * images * 2 * ACTIVATION_BYTES_PER_PIXEL * (2 if dtype == torch.float32 else 1)
+
+
 def check_memory(device: torch.device, dtype: torch.dtype, height: int, width: int, images: int,
                  key: str = "height, width, num_images") -> None:
     """Refuse, before the model loads, a call whose activations cannot fit in the device's memory:
     ``height=width=100000`` should be one line now, not an allocator error minutes later."""
-    need = height * width * images * 2 * ACTIVATION_BYTES_PER_PIXEL * (2 if dtype == torch.float32 else 1)
+    need = activation_bytes(dtype, height, width, images)
     have = free_memory(device)
     if need > have:
         raise ConfigError(

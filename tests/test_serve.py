@@ -232,6 +232,8 @@ def test_batched_mixed_requests_match_the_batch_command(server, root, conf):
     ({"response_format": "url"}, "response_format", "'b64_json'"),
     ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
     ({"deepcache": 0}, "deepcache", "greater than or equal to 1"),
+    ({"size": "256x256"}, "size", "65536 pixels, more than serve.max_pixels=16384 allows"),  # 4x tiny's 64x64
+    ({"size": "128x128", "steps": 41}, "steps", "671744 pixel-steps, more than serve.max_pixels_steps=655360"),
     ({"loras": {"a": "strong"}}, "loras.a", "valid number"),
 ])
 def test_bad_requests_are_422_naming_the_field(server, body, param, allowed):
@@ -241,6 +243,30 @@ def test_bad_requests_are_422_naming_the_field(server, body, param, allowed):
     assert error["param"] == param and error["message"].startswith(f"{param}: ") and allowed in error["message"]
 
 
+@pytest.mark.parametrize("launch", ["model=sdxl", "+launch=sdxl_prod"])
+def test_the_default_cost_limits_accept_normal_sdxl_requests(compose_run, launch):
+    """Derived from the model: SDXL's usual sizes, 50 steps, four images pass; the memory estimate the CLI
+    uses (read once the server is warm) names n when one image would fit and four would not."""
+    from dataclasses import replace
+
+    import torch
+
+    from onediffx.serve.cost import cost_limits
+
+    limits = cost_limits(compose_run(launch, config_name="serve"))
+    assert (limits.max_pixels, limits.max_pixels_steps) == (2048 * 2048, 2048 * 2048 * 30 * 4)
+    for width, height in ((1024, 1024), (832, 1216), (1216, 832), (2048, 2048)):
+        assert limits.problem(width, height, 30, 4) is None
+        assert limits.problem(width, height, 50, 2) is None
+    assert limits.problem(1024, 1024, 200, 4)[0] == "steps"
+    assert limits.problem(4096, 2048, 1, 1)[0] == "size"
+    fits_one = replace(limits, memory_bytes=2**30, dtype=torch.float16, device="cuda:0")
+    field, message = fits_one.problem(1024, 1024, 30, 4)
+    assert field == "n" and message == ("n: 1024x1024 x 4 image(s) needs at least 2.0 GiB for activations, and cuda:0 "
+                                        "had 1.0 GiB free when the server turned ready; lower n")
+    assert fits_one.problem(1024, 1024, 30, 1) is None
+
+
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
 def test_lone_surrogate_text_is_422_not_a_tokenizer_crash(server, field):
     raw = ('{"prompt": "x", "size": "64x64", "steps": 2, "%s": "a \\ud800 b"}' % field).encode()
@@ -248,6 +274,44 @@ def test_lone_surrogate_text_is_422_not_a_tokenizer_crash(server, field):
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["param"] == field and "unicode" in error["message"].lower()
+
+
+def test_limits_at_the_door(server):
+    """A body over serve.max_body_bytes is 413 (declared, or chunked and counted as it arrives); a 422
+    names the first few errors only; JSON that is not UTF-8 is a 400 and a head over serve.max_header_bytes
+    a 400; every refusal of an image request in the API's error shape and counted."""
+    url, json_type = "/v1/images/generations", {"content-type": "application/json"}
+    before = server.metrics()
+    declared = server.client.http.post(url, content=b'{"prompt": "' + b"x" * 300_000 + b'"}', headers=json_type)
+
+    def chunks():  # 4 MiB, sent chunked: no Content-Length to refuse it by
+        for _ in range(256):
+            yield b" " * 16384
+
+    chunked = httpx.post(server.url + url, content=chunks(), headers=json_type, timeout=60)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["param"] == "body" and "serve.max_body_bytes=262144" in error["message"]
+    assert "300014 bytes (Content-Length)" in declared.json()["error"]["message"]
+
+    unknown = ("{" + ", ".join(f'"k{i}": 0' for i in range(20_000)) + ', "prompt": "x", "size": "64x64"}').encode()
+    assert len(unknown) < 262144
+    invalid = server.client.http.post(url, content=unknown, headers=json_type)
+    assert invalid.status_code == 422 and len(invalid.content) < 4096, len(invalid.content)
+    body = invalid.json()
+    assert body["error_count"] == 20_000 and len(body["detail"]) == 5
+    assert body["error"]["message"] == "k0: Extra inputs are not permitted (and 19999 more errors)"
+
+    not_utf8 = server.client.http.post(url, content=b'{"prompt": "\xff"}', headers=json_type)
+    assert not_utf8.status_code == 400 and not_utf8.json()["error"]["type"] == "invalid_request_error"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:  # a head that never ends
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+        assert raw.recv(4096).startswith(b"HTTP/1.1 400 ")
+    after = server.metrics()
+    for status, more in (("413", 2), ("422", 1), ("400", 1)):
+        key = f"onediffx_requests_total{{status={status}}}"
+        assert after.get(key, 0) - before.get(key, 0) == more, key
 
 
 def test_non_finite_numbers_unknown_loras_and_faults(server):
@@ -584,6 +648,23 @@ def test_bad_serve_config_is_one_line_before_listening(tmp_path, override, messa
     proc = run_cli("serve", override, f"serve.port={free_port()}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and f"onediffx: error: {message}" in proc.stderr, proc.stderr[-1000:]
     assert "listening" not in proc.stdout and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["port_in_use", "bad_host"])
+def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_model_loads(tmp_path, case):
+    """The socket is bound before anything loads: one line and exit 2, not "listening", a whole load
+    and warm-up (the launch warms a shape: its progress would be on stderr), then uvicorn's exit 3."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        where, message = {"port_in_use": ([f"serve.port={port}"], f"serve.port: {port} on 127.0.0.1 is in use"),
+                          "bad_host": (["serve.host=999.1.1.1", f"serve.port={free_port()}"],
+                                       "serve.host: '999.1.1.1' is not a valid IPv4 address")}[case]
+        proc = run_cli("serve", "+launch=tiny_prod", "cache.enabled=false", *where, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"onediffx: error: {message}")
+    assert "listening" not in proc.stdout and "ready" not in proc.stdout and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.gpu

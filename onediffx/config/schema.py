@@ -375,6 +375,27 @@ class ServeConfig:
     max_size: int = 2048
     """Largest height or width a request may ask for."""
     max_prompt_chars: int = 4000
+    max_pixels: Optional[int] = None
+    """Largest width x height of a requested image; ``null``: four times the model's image (the largest of
+    its default size and the warm-up shapes), 128x128 for ``tiny``, 2048x2048 for ``sdxl``. Attention's
+    cost grows faster than the pixels: one tiny-model step takes 0.1 s at 64x64 and 22 s at 256x256 on a CPU."""
+    max_pixels_steps: Optional[int] = None
+    """Largest width x height x steps x n of one request, the work it holds a worker for; ``null``:
+    ``max_pixels`` x the model's steps x ``max_batch`` (SDXL: four 2048x2048 images of 30 steps)."""
+    max_body_bytes: int = 256 * 1024
+    """Largest request body; a larger one is answered 413 as soon as its ``Content-Length`` says so, or,
+    sent chunked, as soon as that many bytes have arrived. The default holds a prompt and a negative
+    prompt of 10,000 characters (the most any prompt may have) in their longest JSON spelling, each
+    character a ``\\uXXXX\\uXXXX`` pair."""
+    max_header_bytes: int = 16 * 1024
+    """A request head (request line and headers) still incomplete past this many bytes is answered 400
+    and its connection closed (uvicorn's ``h11_max_incomplete_event_size``): no client makes the
+    server buffer an endless head."""
+    keep_alive_s: float = 5.0
+    """An idle kept-alive connection is closed after this long (uvicorn's ``timeout_keep_alive``)."""
+    max_connections: Optional[int] = 256
+    """Open connections and requests in progress at most (uvicorn's ``limit_concurrency``); past it new
+    requests get 503 at once. Bounds what slow or idle clients can hold; ``null``: no bound."""
     replicas: str = "1"
     """Pipelines behind the endpoint, one per GPU (``cuda:0``...): a number, or ``all`` visible GPUs.
     On the CPU, ``N`` pipelines share it (for tests)."""
@@ -409,6 +430,15 @@ class ServeConfig:
             ("max_steps", self.max_steps, self.max_steps >= 1, "an integer >= 1"),
             ("max_size", self.max_size, self.max_size >= 8 and self.max_size % 8 == 0, "a multiple of 8, at least 8"),
             ("max_prompt_chars", self.max_prompt_chars, self.max_prompt_chars >= 1, "an integer >= 1"),
+            ("max_pixels", self.max_pixels, self.max_pixels is None or self.max_pixels >= 64,
+             "null (derived from the model) or a number of pixels >= 64"),
+            ("max_pixels_steps", self.max_pixels_steps, self.max_pixels_steps is None or self.max_pixels_steps >= 64,
+             "null (derived from the model) or a number >= 64"),
+            ("max_body_bytes", self.max_body_bytes, self.max_body_bytes >= 1024, "a number of bytes >= 1024"),
+            ("max_header_bytes", self.max_header_bytes, self.max_header_bytes >= 1024, "a number of bytes >= 1024"),
+            ("keep_alive_s", self.keep_alive_s, self.keep_alive_s > 0, "a number of seconds > 0"),
+            ("max_connections", self.max_connections, self.max_connections is None or self.max_connections >= 1,
+             "null or an integer >= 1"),
             ("deepcache", self.deepcache, self.deepcache is None or self.deepcache >= 1, "null or an interval >= 1"),
             ("batch_sizes", list(self.batch_sizes), all(1 <= b <= self.max_batch for b in self.batch_sizes)
              and (not self.batch_sizes or max(self.batch_sizes) == self.max_batch),

@@ -18,12 +18,19 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
+from .body_limit import BodyLimit
 from .engine import LocalEngine
 from .scheduler import BatchKey, Job, QueueFull, Stopped
 from .schemas import ErrorResponse, ImageData, ImageResponse, ModelCard, ModelList, parse_size, request_model
 
 GENERATIONS = "/v1/images/generations"
+SHOWN_ERRORS = 5
+"""A 422 lists this many validation errors at most (and how many there were): a body of 200,000
+unknown keys once made an 18 MB reply."""
+TEXT_CHARS = 200
+"""Longest field name or message a reply repeats (an unknown key may be as long as the body allows)."""
 
 
 def error(status: int, message: str, kind: str, param: Optional[str] = None,
@@ -37,9 +44,22 @@ class Rejected(Exception):
         self.response = response
 
 
+def _short(text: Any) -> str:
+    text = str(text)
+    return text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS - 1] + "…"
+
+
 def _param(loc: tuple) -> str:
     parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or "body"
+    return _short(".".join(parts) or "body")
+
+
+KINDS = {404: "not_found_error", 429: "rate_limit_error", 504: "timeout_error"}
+"""OpenAI's error ``type`` by status; other 4xx are ``invalid_request_error``, 5xx ``server_error``."""
+
+
+def kind_of(status: int) -> str:
+    return KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 def create_app(engine: LocalEngine, lifespan: bool = True) -> FastAPI:
@@ -65,16 +85,37 @@ def create_app(engine: LocalEngine, lifespan: bool = True) -> FastAPI:
         lifespan=run_engine if lifespan else None,
     )
 
+    app.add_middleware(BodyLimit, max_bytes=engine.cfg.serve.max_body_bytes)
+
+    def counted(request: Request, status: int) -> None:
+        if request.url.path == GENERATIONS:
+            metrics.requests.labels(str(status)).inc()
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{k: e.get(k) for k in ("loc", "msg", "type")} for e in exc.errors()]
+        every = exc.errors()
+        errors = [{"loc": [_short(p) if isinstance(p, str) else p for p in (e.get("loc") or ())][:8],
+                   "msg": _short(e.get("msg")), "type": _short(e.get("type"))} for e in every[:SHOWN_ERRORS]]
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
         param = _param(tuple(first["loc"] or ()))
-        metrics.requests.labels("422").inc()
-        return error(422, f"{param}: {first['msg']}", "invalid_request_error", param, detail=errors)
+        more = f" (and {len(every) - 1} more errors)" if len(every) > 1 else ""
+        counted(request, 422)
+        return error(422, f"{param}: {first['msg']}{more}", "invalid_request_error", param, detail=errors,
+                     error_count=len(every))
+
+    @app.exception_handler(HTTPException)
+    async def refused(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own refusals (a body over the limit, JSON that is not UTF-8, an
+        unknown route) in the API's error shape, counted as every answer to an image request is."""
+        counted(request, exc.status_code)
+        param = "body" if exc.status_code in (400, 413) else None
+        return error(exc.status_code, _short(exc.detail), kind_of(exc.status_code), param, headers=exc.headers)
 
     def key_of(req: Any) -> BatchKey:
         width, height = parse_size(req.size, limits.max_size)
+        costly = engine.cost.problem(width, height, req.steps, req.n)
+        if costly:
+            raise Rejected(error(422, costly[1], "invalid_request_error", costly[0]))
         if req.loras is None:
             weights = engine.lora_defaults
         else:

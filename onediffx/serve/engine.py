@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ..errors import OnediffxError
 from ..generate import Settings
+from .cost import cost_limits, with_free_memory
 from .metrics import ServeMetrics
 from .replicas import Replica, default_deepcache, lora_stack, replica_devices
 from .scheduler import Scheduler
@@ -37,6 +38,8 @@ class LocalEngine:
         self.cfg = cfg
         self.devices = devices if devices is not None else replica_devices(cfg)
         self.limits = limits_of(cfg)
+        self.cost = cost_limits(cfg)
+        """Checked per request before it is queued; the memory part is filled in once the pipelines are warm."""
         self.lora_keys, _, self.lora_defaults = lora_stack(cfg)
         self.default_deepcache = default_deepcache(cfg)
         self.model_id = cfg.serve.model_id or cfg.model.name
@@ -78,6 +81,7 @@ class LocalEngine:
             if self.on_failure:
                 self.on_failure(err)
             return
+        self.cost = with_free_memory(self.cost, [r.asm.device for r in self.replicas], self.replicas[0].asm.dtype)
         self.scheduler.start(self.replicas)
         self.ready_seconds = time.perf_counter() - start
         self.metrics.weights_loaded_time.set(max(r.weights_loaded_at or 0.0 for r in self.replicas))
